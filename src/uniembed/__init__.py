@@ -1,0 +1,3 @@
+"""uniembed: universal image embeddings from frozen backbones, cached features and margin-loss heads."""
+
+__version__ = "0.1.0"

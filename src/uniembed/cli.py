@@ -1,0 +1,42 @@
+"""The ``uniembed`` command line: a thin layer over the library's stage functions.
+
+Each stage module exposes ``register(app)`` that adds its sub-command(s); heavy imports (torch, faiss)
+happen inside the commands so ``uniembed --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="uniembed",
+    help="Universal image embeddings: prepare -> extract -> train -> evaluate -> export -> index/search/serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+# Order here is the order of the pipeline in `uniembed --help`.
+_COMMAND_MODULES = [
+    "uniembed.data.commands",  # prepare
+    "uniembed.features.commands",  # extract
+    "uniembed.train.commands",  # train
+    "uniembed.eval.commands",  # evaluate
+    "uniembed.export.commands",  # export
+    "uniembed.serve.commands",  # index, search, serve
+    "uniembed.demo",  # demo
+    "uniembed.bench.commands",  # bench
+]
+
+for _mod in _COMMAND_MODULES:
+    importlib.import_module(_mod).register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Retrieval evaluation: GUIE mP@5 and friends, reports and figures."""

@@ -1,0 +1,1 @@
+"""Frozen-feature extraction and the on-disk feature cache."""

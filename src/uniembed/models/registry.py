@@ -1,0 +1,81 @@
+"""One registry of backbones and a ``create_backbone(name)`` factory, in the style of timm.
+
+A backbone here is a frozen network *plus pooling*: a module that maps a normalised float batch
+[B,3,S,S] to pooled features [B,D]. Its config (preprocessing, feature width, weights source) lives
+beside the builder, so extraction, export and search all agree on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from uniembed.models.preprocess import ImagePreprocessor, PreprocessConfig
+
+
+@dataclass
+class Backbone:
+    """A ready-to-use frozen feature extractor."""
+
+    name: str
+    module: nn.Module  # normalised float [B,3,S,S] -> [B, dim]
+    preprocess: PreprocessConfig
+    dim: int
+    pooling: str = "avg"
+    weights: str = ""  # where the weights came from (file path, hub tag, or "random")
+    weights_hash: str = ""  # content hash of the weights, part of every cache key
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def preprocessor(self) -> ImagePreprocessor:
+        return ImagePreprocessor(self.preprocess)
+
+    def fingerprint(self) -> str:
+        """Identity of the feature function: name, pooling, weights and preprocessing."""
+        key = f"{self.name}|{self.pooling}|{self.weights_hash}|{sorted(self.preprocess.to_dict().items())}"
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+BackboneBuilder = Callable[..., Backbone]
+_REGISTRY: dict[str, BackboneBuilder] = {}
+_PREFIX_REGISTRY: dict[str, BackboneBuilder] = {}
+
+
+def register_backbone(name: str, *, prefix: bool = False) -> Callable[[BackboneBuilder], BackboneBuilder]:
+    """Decorator: register a builder under ``name`` (or under ``name:`` for hub prefixes like ``timm:``)."""
+
+    def deco(fn: BackboneBuilder) -> BackboneBuilder:
+        (_PREFIX_REGISTRY if prefix else _REGISTRY)[name] = fn
+        return fn
+
+    return deco
+
+
+def list_backbones() -> list[str]:
+    _ensure_loaded()
+    return sorted(_REGISTRY) + [f"{p}:<name>" for p in sorted(_PREFIX_REGISTRY)]
+
+
+def create_backbone(name: str, *, pretrained: bool = True, pooling: str = "avg", **kwargs: Any) -> Backbone:
+    """Build a registered backbone, e.g. ``mobilenetv2``, ``efficientnet_lite2``, ``timm:vit_base_patch16_224``,
+    ``open_clip:ViT-H-14/laion2b_s32b_b79k``. ``pretrained=False`` gives random weights (offline tests)."""
+    _ensure_loaded()
+    if name in _REGISTRY:
+        bb = _REGISTRY[name](pretrained=pretrained, pooling=pooling, **kwargs)
+    elif ":" in name and name.split(":", 1)[0] in _PREFIX_REGISTRY:
+        prefix, rest = name.split(":", 1)
+        bb = _PREFIX_REGISTRY[prefix](rest, pretrained=pretrained, pooling=pooling, **kwargs)
+    else:
+        raise KeyError(f"unknown backbone {name!r}; known: {', '.join(list_backbones())}")
+    bb.module.eval()
+    for p in bb.module.parameters():
+        p.requires_grad_(False)
+    return bb
+
+
+def _ensure_loaded() -> None:
+    # Importing the module runs its @register_backbone decorators.
+    import uniembed.models.backbones  # noqa: F401

@@ -1,0 +1,52 @@
+"""Shared fixtures: the real photo sets beside the checkout, skipped with a clear reason when absent."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from uniembed.paths import shared_data_dir
+
+SHARED = shared_data_dir()
+NO_SHARED = "../shared/data (real photos) not found beside the checkout; set UNIEMBED_SHARED_DATA to run"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if SHARED is None:
+        pytest.skip(NO_SHARED)
+    return SHARED
+
+
+def read_labels(csv_path: Path) -> list[dict]:
+    with open(csv_path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="session")
+def small_labels_csv(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real subset as a labels.csv with absolute paths: 4 images each of 6 grocery labels
+    (3 packaged, 3 produce) and 6 coil100 objects -> 72 images, 12 labels, 3 domains."""
+    out = tmp_path_factory.mktemp("small") / "labels.csv"
+    picked: list[dict] = []
+    for sub, per_domain in (("grocery_store", {"packaged_goods": 3, "produce": 3}), ("coil100", None)):
+        rows = read_labels(shared_data / sub / "labels.csv")
+        by_label: dict[str, list[dict]] = {}
+        for r in rows:
+            by_label.setdefault(r["label"], []).append(r)
+        taken: dict[str, int] = {}
+        for label in sorted(by_label):
+            dom = by_label[label][0]["domain"]
+            cap = per_domain[dom] if per_domain else 6
+            if taken.get(dom, 0) >= cap:
+                continue
+            taken[dom] = taken.get(dom, 0) + 1
+            for r in by_label[label][:4]:
+                picked.append({"path": str(shared_data / sub / r["path"]), "label": r["label"], "domain": dom})
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "label", "domain"])
+        w.writeheader()
+        w.writerows(picked)
+    return out
