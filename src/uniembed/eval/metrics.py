@@ -4,6 +4,10 @@ mP@5 exactly as the Google Universal Image Embedding challenge defined it: Eucli
 query q with n_q index images of its object, precision over the top min(n_q, 5) results; averaged over
 queries. In leave-one-out mode the query is removed from its own index (it is not counted in n_q either).
 Queries whose object has no other index image (n_q = 0) cannot be scored and are counted as skipped.
+
+Ties in distance are broken by index position (lower first), so scores are reproducible run to run.
+recall@k: at least one right answer in the top k. mAP@100: average precision over the top 100, normalised
+by min(n_q, 100) (the Google Landmarks convention).
 """
 
 from __future__ import annotations
@@ -23,9 +27,13 @@ class RetrievalResult:
     n_queries: int
     n_skipped: int
     per_query_mp5: np.ndarray = field(repr=False)
-    neighbors: np.ndarray = field(repr=False)  # [Q, k] index positions, nearest first
-    distances: np.ndarray = field(repr=False)  # [Q, k] Euclidean distances
+    neighbors: np.ndarray = field(repr=False)  # [Q, k] index positions, nearest first (-1: index too small)
+    distances: np.ndarray = field(repr=False)  # [Q, k] Euclidean distances (inf where neighbors is -1)
     scored: np.ndarray = field(repr=False)  # [Q] bool, query had n_q > 0
+    per_query_recall1: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    per_query_recall5: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    per_query_ap: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    n_relevant: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, dtype=np.int64))  # n_q
 
     def as_dict(self) -> dict:
         return {
@@ -38,6 +46,34 @@ class RetrievalResult:
         }
 
 
+def _check_embeddings(name: str, emb: np.ndarray) -> None:
+    """A NaN/inf embedding would silently rank as nearest or farthest; refuse it with a clear message."""
+    if emb.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(emb.shape)}")
+    if not torch.isfinite(emb).all():
+        bad = int((~torch.isfinite(emb).all(1)).sum())
+        raise ValueError(f"{name} has {bad} row(s) with NaN/inf values")
+
+
+def _topk_stable(d2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest values per row, ties broken by lower column index.
+
+    ``torch.topk`` picks arbitrarily among equal values at the k-th boundary; a full stable sort would be
+    O(N log N) per row. Instead: take the k-th value, keep everything strictly below it plus the first
+    needed columns equal to it (cumsum in column order), then order those k by (value, column)."""
+    if k == 0:
+        return d2.new_zeros((d2.shape[0], 0)), torch.zeros((d2.shape[0], 0), dtype=torch.long)
+    kth = torch.topk(d2, k, dim=1, largest=False).values[:, -1:]
+    below = d2 < kth
+    equal = d2 == kth
+    need = k - below.sum(1, keepdim=True)
+    chosen = below | (equal & (torch.cumsum(equal, 1) <= need))
+    cols = chosen.nonzero()[:, 1].view(d2.shape[0], k)  # row-major: ascending column within each row
+    vals = d2.gather(1, cols)
+    order = torch.sort(vals, dim=1, stable=True).indices
+    return vals.gather(1, order), cols.gather(1, order)
+
+
 def knn(
     queries: np.ndarray | torch.Tensor,
     index: np.ndarray | torch.Tensor | None = None,
@@ -45,23 +81,29 @@ def knn(
     exclude_self: bool = False,
     block: int = 2048,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact Euclidean k-NN in blocks (memory stays O(block x N)). ``exclude_self`` needs index=None."""
+    """Exact Euclidean k-NN in blocks (memory stays O(block x N)). ``exclude_self`` needs index=None.
+
+    Returns ``min(k, available)`` columns; ties are broken by lower index position."""
     q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
     x = q if index is None else torch.as_tensor(np.asarray(index, dtype=np.float32))
     if exclude_self and index is not None:
         raise ValueError("exclude_self applies to leave-one-out search (index=None)")
-    k_eff = min(k, x.shape[0] - (1 if exclude_self else 0))
+    if index is not None and x.shape[1] != q.shape[1]:
+        raise ValueError(f"query dim {q.shape[1]} != index dim {x.shape[1]}")
+    k_eff = max(0, min(k, x.shape[0] - (1 if exclude_self else 0)))
     x_sq = (x * x).sum(1)
     all_d, all_i = [], []
     for s in range(0, q.shape[0], block):
         qb = q[s : s + block]
-        d2 = (qb * qb).sum(1, keepdim=True) + x_sq[None, :] - 2.0 * qb @ x.T
+        d2 = ((qb * qb).sum(1, keepdim=True) + x_sq[None, :] - 2.0 * qb @ x.T).clamp_min(0)
         if exclude_self:
             rows = torch.arange(qb.shape[0])
             d2[rows, rows + s] = float("inf")
-        d, i = torch.topk(d2, k_eff, dim=1, largest=False)
-        all_d.append(d.clamp_min(0).sqrt())
+        d, i = _topk_stable(d2, k_eff)
+        all_d.append(d.sqrt())
         all_i.append(i)
+    if not all_d:
+        return np.zeros((0, k_eff), np.float32), np.zeros((0, k_eff), np.int64)
     return torch.cat(all_d).numpy(), torch.cat(all_i).numpy()
 
 
@@ -76,15 +118,36 @@ def retrieval_metrics(
     """Score queries against an index. With ``index_emb=None`` every query searches all the others
     (leave-one-out), which is the protocol used throughout this project."""
     loo = index_emb is None
-    idx_labels = np.asarray(query_labels if loo else index_labels)
+    q = torch.as_tensor(np.asarray(query_emb, dtype=np.float32))
+    _check_embeddings("query embeddings", q)
     q_labels = np.asarray(query_labels)
+    if len(q_labels) != q.shape[0]:
+        raise ValueError(f"{len(q_labels)} query labels for {q.shape[0]} query embeddings")
+    if loo:
+        idx_labels = q_labels
+    else:
+        if index_labels is None:
+            raise ValueError("index_labels is required with index_emb")
+        x = torch.as_tensor(np.asarray(index_emb, dtype=np.float32))
+        _check_embeddings("index embeddings", x)
+        idx_labels = np.asarray(index_labels)
+        if len(idx_labels) != x.shape[0]:
+            raise ValueError(f"{len(idx_labels)} index labels for {x.shape[0]} index embeddings")
     depth = max(k, map_k)
-    dist, nbr = knn(query_emb, None if loo else index_emb, k=depth, exclude_self=loo)
+    dist, nbr = knn(q, None if loo else x, k=depth, exclude_self=loo)
+    n_queries = q.shape[0]
+    # An index smaller than `depth` gives fewer columns: pad with -1 (never relevant) so shapes stay fixed.
+    if nbr.shape[1] < depth:
+        pad = depth - nbr.shape[1]
+        nbr = np.concatenate([nbr, np.full((n_queries, pad), -1, np.int64)], 1)
+        dist = np.concatenate([dist, np.full((n_queries, pad), np.inf, np.float32)], 1)
     # n_q: index images sharing the query's label (minus the query itself in leave-one-out).
     uniq, counts = np.unique(idx_labels, return_counts=True)
     count_of = dict(zip(uniq.tolist(), counts.tolist(), strict=True))
-    n_q = np.array([count_of.get(lab, 0) for lab in q_labels.tolist()]) - (1 if loo else 0)
-    rel = idx_labels[nbr] == q_labels[:, None]  # [Q, depth]
+    n_q = np.array([count_of.get(lab, 0) for lab in q_labels.tolist()], dtype=np.int64) - (1 if loo else 0)
+    n_q = np.maximum(n_q, 0)
+    valid = nbr >= 0
+    rel = valid & (idx_labels[np.where(valid, nbr, 0)] == q_labels[:, None]) if len(idx_labels) else valid
     scored = n_q > 0
     top = np.minimum(n_q, k)
     cols = np.arange(k)[None, :]
@@ -98,7 +161,10 @@ def retrieval_metrics(
     ap = (prec_at * rel_m).sum(1) / np.maximum(np.minimum(n_q, map_k), 1)
     s = scored
     n = int(s.sum())
-    mean = (lambda v: float(v[s].mean()) if n else float("nan"))
+
+    def mean(v: np.ndarray) -> float:
+        return float(v[s].mean()) if n else float("nan")
+
     return RetrievalResult(
         mp5=mean(p5),
         recall1=mean(r1),
@@ -110,6 +176,10 @@ def retrieval_metrics(
         neighbors=nbr[:, :k],
         distances=dist[:, :k],
         scored=scored,
+        per_query_recall1=r1,
+        per_query_recall5=r5,
+        per_query_ap=ap,
+        n_relevant=n_q,
     )
 
 
@@ -120,4 +190,29 @@ def per_domain_mp5(result: RetrievalResult, domains: np.ndarray) -> dict[str, fl
     for d in sorted(set(domains.tolist())):
         m = (domains == d) & result.scored
         out[d] = float(result.per_query_mp5[m].mean()) if m.any() else float("nan")
+    return out
+
+
+def per_domain_metrics(result: RetrievalResult, domains: np.ndarray) -> dict[str, dict]:
+    """All four metrics per query domain (over that domain's scored queries), plus query/skip counts."""
+    domains = np.asarray(domains)
+    if len(domains) != len(result.scored):
+        raise ValueError(f"{len(domains)} domains for {len(result.scored)} queries")
+    out: dict[str, dict] = {}
+    for d in sorted(set(domains.tolist())):
+        in_d = domains == d
+        m = in_d & result.scored
+        n = int(m.sum())
+
+        def mean(v: np.ndarray, m: np.ndarray = m, n: int = n) -> float:
+            return float(v[m].mean()) if n else float("nan")
+
+        out[d] = {
+            "mP@5": mean(result.per_query_mp5),
+            "recall@1": mean(result.per_query_recall1),
+            "recall@5": mean(result.per_query_recall5),
+            "mAP@100": mean(result.per_query_ap),
+            "queries": n,
+            "skipped_no_match": int((in_d & ~result.scored).sum()),
+        }
     return out

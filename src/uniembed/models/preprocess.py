@@ -55,7 +55,9 @@ class ImagePreprocessor(nn.Module):
         """Float resize to the backbone's square input; skipped when already that size."""
         x = x.float()
         if x.shape[-2] != self.size or x.shape[-1] != self.size:
-            x = F.interpolate(x, size=[self.size, self.size], mode=self.mode, align_corners=False, antialias=True)
+            x = F.interpolate(
+                x, size=[self.size, self.size], mode=self.mode, align_corners=False, antialias=True
+            )
         return x
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

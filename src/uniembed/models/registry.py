@@ -7,11 +7,13 @@ beside the builder, so extraction, export and search all agree on it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from uniembed.models.preprocess import ImagePreprocessor, PreprocessConfig
@@ -39,6 +41,9 @@ class Backbone:
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+#: Seed for ``pretrained=False`` backbones (see create_backbone).
+RANDOM_INIT_SEED = 0
+
 BackboneBuilder = Callable[..., Backbone]
 _REGISTRY: dict[str, BackboneBuilder] = {}
 _PREFIX_REGISTRY: dict[str, BackboneBuilder] = {}
@@ -60,16 +65,29 @@ def list_backbones() -> list[str]:
 
 
 def create_backbone(name: str, *, pretrained: bool = True, pooling: str = "avg", **kwargs: Any) -> Backbone:
-    """Build a registered backbone, e.g. ``mobilenetv2``, ``efficientnet_lite2``, ``timm:vit_base_patch16_224``,
-    ``open_clip:ViT-H-14/laion2b_s32b_b79k``. ``pretrained=False`` gives random weights (offline tests)."""
+    """Build a registered backbone, e.g. ``mobilenetv2``, ``efficientnet_lite2``,
+    ``timm:vit_base_patch16_224``, ``open_clip:ViT-H-14/laion2b_s32b_b79k``.
+    ``pretrained=False`` gives random weights from a fixed seed (offline tests)."""
     _ensure_loaded()
     if name in _REGISTRY:
-        bb = _REGISTRY[name](pretrained=pretrained, pooling=pooling, **kwargs)
+        build = functools.partial(_REGISTRY[name], pretrained=pretrained, pooling=pooling, **kwargs)
     elif ":" in name and name.split(":", 1)[0] in _PREFIX_REGISTRY:
         prefix, rest = name.split(":", 1)
-        bb = _PREFIX_REGISTRY[prefix](rest, pretrained=pretrained, pooling=pooling, **kwargs)
+        if not rest:
+            raise KeyError(f"backbone {name!r} names no model after {prefix + ':'!r}")
+        build = functools.partial(
+            _PREFIX_REGISTRY[prefix], rest, pretrained=pretrained, pooling=pooling, **kwargs
+        )
     else:
         raise KeyError(f"unknown backbone {name!r}; known: {', '.join(list_backbones())}")
+    if pretrained:
+        bb = build()
+    else:
+        # Random weights are drawn from a fixed seed, so weights_hash="random" names one reproducible
+        # function (cache keys stay honest) without touching the caller's RNG state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            bb = build()
     bb.module.eval()
     for p in bb.module.parameters():
         p.requires_grad_(False)

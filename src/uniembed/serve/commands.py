@@ -1,7 +1,318 @@
-"""CLI commands of this stage (filled in by the stage's implementation)."""
+"""CLI: ``uniembed index`` (build/extend a FAISS index), ``uniembed search``, ``uniembed serve`` (HTTP).
+
+Heavy imports (torch, faiss, fastapi) happen inside the commands so ``uniembed --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+INDEX_TYPE_HELP = (
+    "FAISS index type: 'auto' (exact 'flat' below 20k images, 'hnsw' up to 500k, 'ivf' beyond), 'flat' "
+    "(IndexFlatL2, exact), 'ivf' (IndexIVFFlat), 'ivfpq' (IndexIVFPQ, compressed), 'hnsw' (IndexHNSWFlat)."
+)
+
+
+def _fail(msg: str, code: int = 2) -> typer.Exit:
+    """Print a one-line error (no stack trace) and return the Exit to raise."""
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {msg}", highlight=False)
+    return typer.Exit(code)
+
+
+def index_command(
+    model: Annotated[
+        Path,
+        typer.Option(
+            "--model",
+            "-m",
+            help="GUIE TorchScript saved_model.pt (or the export "
+            "folder holding it) used to embed the images.",
+        ),
+    ],
+    images: Annotated[
+        list[Path],
+        typer.Option(
+            "--images",
+            "-i",
+            help="Images to index; repeatable. A "
+            "labels.csv (path,label,domain; paths relative to the CSV), a "
+            "folder holding labels.csv, a prepared shards folder "
+            "(manifest.json), a folder of images labelled by parent "
+            "folder name, or single image files.",
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="Index directory to write (replaced atomically; with --add, extended)."
+        ),
+    ] = Path("artifacts/index"),
+    index_type: Annotated[str, typer.Option("--type", "-t", help=INDEX_TYPE_HELP)] = "auto",
+    add: Annotated[
+        bool,
+        typer.Option(
+            "--add",
+            help="Append the images to the existing index at --out without "
+            "re-embedding what is already there. Refuses a different model (its "
+            "fingerprint must match); paths already indexed are skipped.",
+        ),
+    ] = False,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            min=1,
+            help="Images per model forward (images of one size are batched together).",
+        ),
+    ] = 32,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Index at most this many images (quick trials).")
+    ] = None,
+    domain: Annotated[
+        str,
+        typer.Option(
+            "--domain",
+            help="Domain recorded for images from plain folders (labels.csv and shards carry their own).",
+        ),
+    ] = "",
+    nlist: Annotated[
+        int | None, typer.Option("--nlist", min=1, help="IVF: number of inverted lists (default ~4*sqrt(N)).")
+    ] = None,
+    nprobe: Annotated[
+        int | None,
+        typer.Option(
+            "--nprobe",
+            min=1,
+            help="IVF: lists visited per query; higher = better recall, slower (default max(8, nlist/8)).",
+        ),
+    ] = None,
+    pq_m: Annotated[
+        int | None,
+        typer.Option(
+            "--pq-m",
+            min=1,
+            help="IVFPQ: sub-quantizers; must divide the embedding dim (default 16 for 64-d).",
+        ),
+    ] = None,
+    pq_bits: Annotated[
+        int | None,
+        typer.Option("--pq-bits", min=1, max=16, help="IVFPQ: bits per sub-quantizer code (default 8)."),
+    ] = None,
+    hnsw_m: Annotated[
+        int | None, typer.Option("--hnsw-m", min=2, help="HNSW: graph neighbours per node (default 32).")
+    ] = None,
+    ef_construction: Annotated[
+        int | None,
+        typer.Option("--ef-construction", min=1, help="HNSW: build-time search depth (default 80)."),
+    ] = None,
+    ef_search: Annotated[
+        int | None,
+        typer.Option(
+            "--ef-search", min=1, help="HNSW: query-time search depth; higher = better recall (default 64)."
+        ),
+    ] = None,
+    thumb_size: Annotated[
+        int,
+        typer.Option(
+            "--thumb-size",
+            min=16,
+            max=1024,
+            help="Longest side of the stored thumbnails served by `uniembed serve`.",
+        ),
+    ] = 160,
+) -> None:
+    """Embed images with a saved_model.pt and build (or --add to) a FAISS index for search and serve."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from uniembed.serve.embedder import ModelError
+    from uniembed.serve.index import INDEX_TYPES, ImageIndexError, build_index
+
+    if index_type not in INDEX_TYPES:
+        raise _fail(f"--type must be one of {', '.join(INDEX_TYPES)}, got {index_type!r}")
+    params = {
+        k: v
+        for k, v in {
+            "nlist": nlist,
+            "nprobe": nprobe,
+            "pq_m": pq_m,
+            "pq_bits": pq_bits,
+            "hnsw_m": hnsw_m,
+            "ef_construction": ef_construction,
+            "ef_search": ef_search,
+        }.items()
+        if v is not None
+    }
+    try:
+        res = build_index(
+            model,
+            images,
+            out,
+            index_type=index_type,
+            add=add,
+            batch_size=batch_size,
+            params=params,
+            limit=limit,
+            domain=domain,
+            thumb_size=thumb_size,
+        )
+    except (ImageIndexError, ModelError) as e:
+        raise _fail(str(e)) from None
+    console = Console()
+    t = Table(title=f"index {res.out_dir}", show_header=False)
+    t.add_row("images in index", str(res.count))
+    t.add_row("added now", str(res.added))
+    t.add_row("skipped", f"{len(res.skipped)} " + (str(res.skipped_counts) if res.skipped else ""))
+    t.add_row("index", f"{res.index_type} {res.params or ''}")
+    t.add_row("model fingerprint", res.fingerprint)
+    t.add_row("time", f"{res.seconds:.1f} s ({res.added / max(res.seconds, 1e-9):.0f} images/s)")
+    console.print(t)
+    for s in res.skipped[:10]:
+        console.print(f"  skipped {s['path']}: {s['reason']} {s.get('detail', '')}", highlight=False)
+    if len(res.skipped) > 10:
+        console.print(f"  … {len(res.skipped) - 10} more in {res.out_dir / 'index.json'}")
+
+
+def search_command(
+    images: Annotated[list[Path], typer.Argument(help="Query image file(s).")],
+    index: Annotated[
+        Path, typer.Option("--index", help="Index directory written by `uniembed index`.")
+    ] = Path("artifacts/index"),
+    k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Number of results per query.")] = 5,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="saved_model.pt to embed queries with "
+            "(default: the model recorded in the index; it must have the "
+            "same fingerprint).",
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print results as JSON instead of a table.")
+    ] = False,
+    grid: Annotated[
+        Path | None, typer.Option("--grid", help="Also draw each query beside its results into this PNG.")
+    ] = None,
+) -> None:
+    """Find the indexed images nearest to each query image (top-k with distances, labels and paths)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from uniembed.data.images import BadImageError, load_image
+    from uniembed.serve.embedder import Embedder, ModelError
+    from uniembed.serve.index import ImageIndex, ImageIndexError
+
+    try:
+        ix = ImageIndex.load(index)
+        embedder = Embedder(model if model is not None else ix.info["model"]["path"])
+        ix.check_model(embedder.fingerprint)
+    except (ImageIndexError, ModelError) as e:
+        raise _fail(str(e)) from None
+
+    queries, pil, failed = [], [], []
+    for p in images:
+        try:
+            pil.append(load_image(p))
+            queries.append(p)
+        except BadImageError as e:
+            failed.append({"query": str(p), "error": str(e)})
+    all_hits = ix.search_batch(embedder.embed_images(pil), k) if pil else []
+
+    if as_json:
+        out = [
+            {"query": str(q), "results": [h.to_dict() for h in hits]}
+            for q, hits in zip(queries, all_hits, strict=True)
+        ]
+        typer.echo(json.dumps(out + failed, indent=2))
+    else:
+        console = Console()
+        for q, hits in zip(queries, all_hits, strict=True):
+            t = Table(title=f"query {q}")
+            for col in ("#", "distance", "label", "domain", "path"):
+                t.add_column(col, overflow="fold")
+            for rank, h in enumerate(hits, 1):
+                t.add_row(str(rank), f"{h.distance:.4f}", h.label, h.domain, h.path)
+            console.print(t)
+        for f in failed:
+            Console(stderr=True, soft_wrap=True).print(
+                f"[red]cannot read {f['query']}:[/] {f['error']}", highlight=False
+            )
+    if grid is not None and pil:
+        from uniembed.serve.grid import draw_grid
+
+        draw_grid(pil, all_hits, ix, grid)
+        if not as_json:
+            Console().print(f"grid written to {grid}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def serve_command(
+    index: Annotated[
+        Path, typer.Option("--index", help="Index directory written by `uniembed index`.")
+    ] = Path("artifacts/index"),
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="saved_model.pt for query embeddings "
+            "(default: the one recorded in the index). The service refuses "
+            "to start if its fingerprint differs from the index's.",
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind (127.0.0.1 = this machine only).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port to listen on.")] = 8000,
+    max_upload_mb: Annotated[
+        float,
+        typer.Option(
+            "--max-upload-mb", min=0.01, help="Largest accepted upload in MiB; bigger requests get HTTP 413."
+        ),
+    ] = 10.0,
+    default_k: Annotated[
+        int, typer.Option("--default-k", min=1, help="Results per query when the request gives no k.")
+    ] = 5,
+    max_k: Annotated[int, typer.Option("--max-k", min=1, help="Largest k a request may ask for.")] = 100,
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="uvicorn log level (debug, info, warning, error).")
+    ] = "info",
+) -> None:
+    """Serve image search over HTTP: page at /, POST /search, POST /embed, GET /health, GET /thumb/{id}."""
+    import faiss
+    import uvicorn
+
+    from uniembed.serve.app import create_app
+    from uniembed.serve.embedder import ModelError
+    from uniembed.serve.index import ImageIndexError
+
+    try:
+        app = create_app(
+            index, model, max_upload_mb=max_upload_mb, default_k=default_k, max_k=max(max_k, default_k)
+        )
+    except (ImageIndexError, ModelError) as e:
+        raise _fail(f"not starting: {e}") from None
+    # One query per request: FAISS's OpenMP threads only add overhead and contend between requests.
+    faiss.omp_set_num_threads(1)
+    typer.echo(
+        f"serving {len(app.state.index)} images (model {app.state.embedder.fingerprint}) "
+        f"on http://{host}:{port}/"
+    )
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
 
 def register(app: typer.Typer) -> None:
-    """Add this stage's sub-commands to ``app``."""
+    """Add ``index``, ``search`` and ``serve``."""
+    app.command("index")(index_command)
+    app.command("search")(search_command)
+    app.command("serve")(serve_command)

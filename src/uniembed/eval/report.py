@@ -1,0 +1,263 @@
+"""Evaluation outputs: ``metrics.json``, ``report.md``, ``per_domain.png`` (grouped bars) and ``grid.png``
+(queries with their top-5, right answers framed green, wrong ones red)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METRIC_KEYS = ("mP@5", "recall@1", "recall@5", "mAP@100")
+
+
+def spread_rows(domains: np.ndarray, n: int, allowed: np.ndarray | None = None) -> list[int]:
+    """Up to ``n`` row indices, round-robin over domains, evenly spaced within each (deterministic).
+    ``allowed``: optional bool mask of eligible rows (e.g. scored queries)."""
+    domains = np.asarray(domains)
+    ok = np.ones(len(domains), bool) if allowed is None else np.asarray(allowed, bool)
+    doms = sorted(set(domains[ok].tolist()))
+    if not doms or n <= 0:
+        return []
+    per = {d: np.flatnonzero((domains == d) & ok) for d in doms}
+    want = {d: 0 for d in doms}
+    for i in range(min(n, int(ok.sum()))):
+        want[doms[i % len(doms)]] += 1
+    # hand the quota of small domains to the others
+    spare = sum(max(0, want[d] - len(per[d])) for d in doms)
+    for d in doms:
+        want[d] = min(want[d], len(per[d]))
+    for d in doms:
+        extra = min(spare, len(per[d]) - want[d])
+        want[d] += extra
+        spare -= extra
+    picked: list[int] = []
+    for d in doms:
+        rows, k = per[d], want[d]
+        if k:
+            picked += rows[np.linspace(0, len(rows) - 1, k).round().astype(int)].tolist()
+    return sorted(set(picked))
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_metrics_json(out: Path, result: dict) -> Path:
+    path = out / "metrics.json"
+    _atomic_text(path, json.dumps(result, indent=2, default=float))
+    return path
+
+
+def _f(v: Any) -> str:
+    if isinstance(v, float):
+        return "n/a" if v != v else f"{v:.4f}"
+    return str(v)
+
+
+def write_report_md(out: Path, result: dict) -> Path:
+    """Human-readable summary: overall table, per-domain tables, counts, figures."""
+    methods = result["methods"]
+    lines = [f"# Retrieval evaluation: {result['source_name']}", ""]
+    lines += [
+        f"- Source: `{result['source']}` ({result['source_kind']})",
+        f"- Data: `{result['data']}`",
+        f"- Split: {result['split']} ({result['split_note']})",
+        f"- Domains: {', '.join(result['domains'])}",
+        f"- Images: {result['n_images']} ({result['n_labels']} labels); skipped: "
+        + (", ".join(f"{k}: {v}" for k, v in result["skipped"].items()) or "none"),
+        f"- Protocol: {result['protocol']}",
+        "",
+        "## Overall",
+        "",
+        "| method | " + " | ".join(METRIC_KEYS) + " | queries | skipped (no other image of the label) |",
+        "|---|" + "---|" * (len(METRIC_KEYS) + 2),
+    ]
+    for name, m in methods.items():
+        o = m["overall"]
+        lines.append(
+            f"| {name} | " + " | ".join(_f(o[k]) for k in METRIC_KEYS) + f" | {o['queries']} | "
+            f"{o['skipped_no_match']} |"
+        )
+    doms = result["domains"]
+    for key in METRIC_KEYS:
+        lines += [
+            "",
+            f"## {key} per query domain",
+            "",
+            "| method | " + " | ".join(doms) + " |",
+            "|---|" + "---|" * len(doms),
+        ]
+        for name, m in methods.items():
+            lines.append(
+                f"| {name} | "
+                + " | ".join(_f(m["per_domain"].get(d, {}).get(key, float("nan"))) for d in doms)
+                + " |"
+            )
+    lines += ["", "| domain | queries | skipped |", "|---|---|---|"]
+    first = next(iter(methods.values()))
+    for d in doms:
+        pd = first["per_domain"].get(d, {})
+        lines.append(f"| {d} | {pd.get('queries', 0)} | {pd.get('skipped_no_match', 0)} |")
+    notes = [f"- {name}: {m['notes']}" for name, m in methods.items() if m.get("notes")]
+    if notes:
+        lines += ["", "## Notes", "", *notes]
+    lines += ["", "## Figures", "", "![per domain](per_domain.png)", ""]
+    if result.get("grid"):
+        g = result["grid"]
+        lines += [
+            "![retrieval grid](grid.png)",
+            "",
+            f"Retrieval grid ({g['method']}): {g['queries']} queries, top-5 each; green = same label, "
+            f"red = different label; thumbnails missing: {g['missing_thumbnails']}.",
+            "",
+        ]
+    path = out / "report.md"
+    _atomic_text(path, "\n".join(lines))
+    return path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_per_domain(out: Path, result: dict, keys: tuple[str, ...] = ("mP@5", "recall@1")) -> Path:
+    """Grouped bars: one group per domain (+ ALL), one bar per method; a panel per metric."""
+    plt = _plt()
+    methods = list(result["methods"])
+    groups = ["ALL", *result["domains"]]
+    fig, axes = plt.subplots(
+        1,
+        len(keys),
+        figsize=(max(6.0, 1.2 * len(groups) * max(1, len(methods)) / 1.5) * len(keys) / 1.3, 4.2),
+        squeeze=False,
+    )
+    width = 0.8 / max(1, len(methods))
+    x = np.arange(len(groups))
+    for ax, key in zip(axes[0], keys, strict=True):
+        for j, name in enumerate(methods):
+            m = result["methods"][name]
+            vals = [m["overall"][key]] + [
+                m["per_domain"].get(d, {}).get(key, float("nan")) for d in result["domains"]
+            ]
+            vals = [0.0 if v != v else v for v in vals]
+            bars = ax.bar(x + (j - (len(methods) - 1) / 2) * width, vals, width, label=name)
+            for b, v in zip(bars, vals, strict=True):
+                ax.text(
+                    b.get_x() + b.get_width() / 2, v + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=7
+                )
+        ax.set_xticks(x)
+        ax.set_xticklabels(groups, rotation=20, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.08)
+        ax.set_ylabel(key)
+        ax.set_title(f"{key} per query domain")
+        ax.grid(axis="y", alpha=0.3)
+        if len(methods) > 1:
+            ax.legend(fontsize=8)
+    fig.suptitle(
+        f"{result['source_name']} — split {result['split']}, {result['n_images']} images", fontsize=10
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    path = out / "per_domain.png"
+    tmp = out / "per_domain.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_grid(
+    out: Path,
+    queries: list[int],
+    neighbors: np.ndarray,
+    labels: np.ndarray,
+    thumbs: dict[int, Any],
+    title: str,
+    label_text: Callable[[int], str],
+) -> Path:
+    """One row per query: the query, then its top-5 neighbours framed green (same label) or red."""
+    plt = _plt()
+    k = neighbors.shape[1]
+    rows = max(1, len(queries))
+    fig, axes = plt.subplots(rows, k + 1, figsize=(1.9 * (k + 1), 2.05 * rows), squeeze=False)
+    for r, q in enumerate(queries):
+        cells = [q, *neighbors[q].tolist()]
+        for c, idx in enumerate(cells):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if idx < 0:
+                ax.axis("off")
+                continue
+            im = thumbs.get(idx)
+            if im is not None:
+                ax.imshow(im)
+            else:
+                ax.set_facecolor("#dddddd")
+                ax.text(0.5, 0.5, "no image", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+            if c == 0:
+                color, lw = "black", 2
+                ax.set_title("query: " + label_text(idx), fontsize=7, fontweight="bold")
+            else:
+                ok = labels[idx] == labels[q]
+                color, lw = ("#1a9850" if ok else "#d73027"), 4
+                ax.set_title(f"{c}. " + label_text(idx), fontsize=7, color=color)
+            for s in ax.spines.values():
+                s.set_edgecolor(color)
+                s.set_linewidth(lw)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / rows))
+    path = out / "grid.png"
+    tmp = out / "grid.tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def load_thumbnails(
+    rows: list[int], paths: list[str], keys: list[str], dataset_dir: str | None, size: int = 128
+) -> tuple[dict[int, Any], int]:
+    """Thumbnails (numpy RGB) for ``rows``: from the original image path if it is readable, else from the
+    prepared dataset's shards by key. Returns (thumbs, number missing)."""
+    from uniembed.data.images import BadImageError, load_image
+
+    thumbs: dict[int, Any] = {}
+    for r in rows:
+        p = paths[r] if r < len(paths) else ""
+        if p and Path(p).is_file():
+            try:
+                im = load_image(p)
+                im.thumbnail((size, size))
+                thumbs[r] = np.asarray(im)
+            except BadImageError:
+                pass
+    need = {keys[r]: r for r in rows if r not in thumbs and r < len(keys) and keys[r]}
+    if need and dataset_dir and (Path(dataset_dir) / "manifest.json").exists():
+        from uniembed.data.shards import iter_samples
+
+        try:
+            for s in iter_samples(dataset_dir):
+                r = need.pop(s.key, None)
+                if r is not None:
+                    try:
+                        im = load_image(s.image_bytes)
+                        im.thumbnail((size, size))
+                        thumbs[r] = np.asarray(im)
+                    except BadImageError:
+                        pass
+                if not need:
+                    break
+        except Exception:  # a damaged dataset only costs thumbnails here, never the evaluation
+            pass
+    return thumbs, len([r for r in set(rows) if r not in thumbs])

