@@ -28,7 +28,7 @@ def read_labels(csv_path: Path) -> list[dict]:
 @pytest.fixture(scope="session")
 def small_labels_csv(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small real subset as a labels.csv with absolute paths: 4 images each of 6 grocery labels
-    (3 packaged, 3 produce) and 6 coil100 objects -> 72 images, 12 labels, 3 domains."""
+    (3 packaged, 3 produce) and 6 coil100 objects -> 48 images, 12 labels, 3 domains."""
     out = tmp_path_factory.mktemp("small") / "labels.csv"
     picked: list[dict] = []
     for sub, per_domain in (("grocery_store", {"packaged_goods": 3, "produce": 3}), ("coil100", None)):

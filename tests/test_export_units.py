@@ -53,18 +53,13 @@ def test_script_model_scripts_or_traces() -> None:
         ts(torch.zeros(2, 24, 24, dtype=torch.uint8))
 
 
-def test_onnx_dynamic_and_fixed_fallback(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_onnx_fixed_size_fallback(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dynamic H/W path is covered with the real model in test_export.py; here it is made to fail so the
+    documented fixed-size variant is written and verified."""
     from uniembed.export import onnx_export
     from uniembed.export.onnx_export import export_onnx, onnx_session, run_onnx
 
     m = _tiny()
-    rec = export_onnx(m, tmp_path / "dyn.onnx", 24)
-    assert rec["dynamic_hw"] and rec["verify_max_abs_diff"] < 1e-4
-    x = torch.randint(0, 256, (2, 3, 31, 45), dtype=torch.uint8)
-    np.testing.assert_allclose(
-        run_onnx(onnx_session(tmp_path / "dyn.onnx"), x), m(x).detach().numpy(), atol=1e-5
-    )
-
     real = onnx_export._quiet_export
 
     def no_dynamic(model, example, path, dynamic):  # simulate an exporter that cannot do dynamic H/W
@@ -75,6 +70,7 @@ def test_onnx_dynamic_and_fixed_fallback(tmp_path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(onnx_export, "_quiet_export", no_dynamic)
     rec = export_onnx(m, tmp_path / "fixed.onnx", 24)
     assert not rec["dynamic_hw"] and "24,24" in rec["input"] and "dynamic shapes unsupported" in rec["notes"]
+    assert not (tmp_path / "fixed.onnx.tmp").exists()
     sess = onnx_session(tmp_path / "fixed.onnx")
     x = torch.randint(0, 256, (3, 3, 24, 24), dtype=torch.uint8)
     np.testing.assert_allclose(run_onnx(sess, x), m(x).detach().numpy(), atol=1e-5)
@@ -111,7 +107,7 @@ def test_to_uint8_chw() -> None:
     with pytest.raises(TypeError, match="uint8"):
         to_uint8_chw(torch.zeros(3, 4, 5))
     with pytest.raises(ValueError, match="3,H,W"):
-        to_uint8_chw(torch.zeros(4, 5, 3, dtype=torch.uint8))
+        to_uint8_chw(torch.zeros(6, 5, 3, dtype=torch.uint8))
 
 
 def test_spread_rows() -> None:

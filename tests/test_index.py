@@ -299,3 +299,17 @@ def test_single_files_and_duplicates_are_counted(tiny: Path, folder: Path, tmp_p
     assert res.count == 4  # label2 holds 4 good images (+ truncated.jpg, skipped)
     assert res.skipped_counts["duplicate path"] == 2
     assert ImageIndex.load(tmp_path / "idx").items[0]["path"] == str(one)
+
+
+def test_library_search_paths_and_bare_source(tiny: Path, folder: Path, tmp_path: Path) -> None:
+    from uniembed.data.images import BadImageError
+    from uniembed.serve.index import search_paths
+
+    build_index(tiny, str(folder / "label1"), tmp_path / "idx", progress=False)  # one source, not a list
+    q = folder / "label1" / "3.png"
+    res = search_paths(tmp_path / "idx", [q, folder / "label1" / "0.jpg"], k=2)
+    assert len(res) == 2 and [len(r) for r in res] == [2, 2]
+    assert res[0][0]["path"] == str(q) and res[0][0]["distance"] < 1e-3
+    assert set(res[0][0]) == {"id", "path", "label", "domain", "distance"}
+    with pytest.raises(BadImageError, match="html.jpg"):
+        search_paths(tmp_path / "idx", [folder / "label1" / "html.jpg"])

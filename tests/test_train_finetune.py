@@ -53,10 +53,16 @@ def test_finetune_stage_saves_backbone_and_updates_head(small_features: Path, tm
             "finetune.max_val_images=24",
         ]
     )
-    cfg.features, cfg.out = [str(small_features)], str(tmp_path / "run")
+    # Input given as dataset + backbone: train finds (here: reuses) the extracted features itself.
+    cfg.dataset, cfg.features_root, cfg.out = (
+        str(small_features.parent.parent / "ds"),
+        str(small_features.parent),
+        str(tmp_path / "run"),
+    )
     run = train(cfg)
     head, rec = load_head(run)
     assert rec["backbone_state"] == "backbone_finetuned.pt" and rec["backbone"] == "mobilenetv2"
+    assert Path(rec["feature_dir"]) == small_features
     ft = rec["finetune"]
     assert ft["steps"] == 2 and ft["images"] == 8 and ft["blocks"] == 1
     assert 0.0 <= ft["val"]["mP@5"] <= 1.0 and ft["val_images"] == 24

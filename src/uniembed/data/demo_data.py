@@ -51,7 +51,7 @@ SMOKE_IMAGES: tuple[tuple[str, str, str], ...] = (
     ("grass", "grass", "textures"),
     ("gravel", "gravel", "textures"),
 )
-SMOKE_VERSION = 1
+SMOKE_VERSION = 2
 
 
 class DownloadError(DataError):
@@ -320,8 +320,9 @@ def _skimage_photo(func_name: str):
     arr = np.asarray(arr)
     if arr.dtype != np.uint8:
         arr = (255 * (arr.astype(np.float64) / max(float(arr.max()), 1e-12))).astype(np.uint8)
-    im = Image.fromarray(arr)
-    return im.convert("RGB")
+    im = Image.fromarray(arr).convert("RGB")
+    im.thumbnail((800, 800), Image.Resampling.LANCZOS)  # views end at <= 400 px; smaller sources are faster
+    return im
 
 
 def make_view(im, rng: random.Random):

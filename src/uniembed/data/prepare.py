@@ -185,6 +185,8 @@ def prepare(
     ``sources`` are spec strings (``gldv2:/root``, ``/x/labels.csv``, ...) or ``Source`` objects;
     ``default_domain`` is the domain of ``imagefolder`` sources that name none.
     Raises ``DataError`` subclasses for bad input (missing files, nothing left, unknown source kind).
+    With ``workers > 1`` decoding runs in spawned processes, so a script calling this needs the usual
+    ``if __name__ == "__main__":`` guard (the ``uniembed`` CLI has it).
     """
     from rich.console import Console
 

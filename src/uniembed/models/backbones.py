@@ -117,6 +117,7 @@ def _stage_ends(body: nn.Sequential, size: int = _PROBE, keep: int = 4) -> list[
     """Indices of the children that end a resolution stage (the last child before each downsampling, plus the
     last child), found with one small dummy forward pass; the last ``keep`` are returned (stride 4..32)."""
     shapes: list[tuple[int, ...]] = []
+    body.eval()
     x = torch.zeros(1, 3, size, size)
     with torch.no_grad():
         for m in body:
@@ -129,6 +130,7 @@ def _stage_ends(body: nn.Sequential, size: int = _PROBE, keep: int = 4) -> list[
 def _cnn_net(body: nn.Sequential, pooling: str) -> tuple[CNNFeatureNet, int, dict]:
     """Wrap a CNN body with the requested pooling; returns (module, feature dim, info)."""
     kind, multi, p = parse_pooling(pooling)
+    body.eval()  # before any probe: a train-mode forward would overwrite the BatchNorm running statistics
     info: dict[str, Any] = {"pool": kind, "gem_p": p if kind == "gem" else None}
     if multi:
         ids = _stage_ends(body)

@@ -17,6 +17,9 @@ INDEX_TYPE_HELP = (
 )
 
 
+_MODEL_HINT = " (this is the model recorded in the index; pass --model to use another copy of it)"
+
+
 def _fail(msg: str, code: int = 2) -> typer.Exit:
     """Print a one-line error (no stack trace) and return the Exit to raise."""
     from rich.console import Console
@@ -216,7 +219,7 @@ def search_command(
         embedder = Embedder(model if model is not None else ix.info["model"]["path"])
         ix.check_model(embedder.fingerprint)
     except (ImageIndexError, ModelError) as e:
-        raise _fail(str(e)) from None
+        raise _fail(str(e) + _MODEL_HINT * (model is None and isinstance(e, ModelError))) from None
 
     queries, pil, failed = [], [], []
     for p in images:
@@ -301,7 +304,8 @@ def serve_command(
             index, model, max_upload_mb=max_upload_mb, default_k=default_k, max_k=max(max_k, default_k)
         )
     except (ImageIndexError, ModelError) as e:
-        raise _fail(f"not starting: {e}") from None
+        hint = _MODEL_HINT * (model is None and isinstance(e, ModelError))
+        raise _fail(f"not starting: {e}{hint}") from None
     # One query per request: FAISS's OpenMP threads only add overhead and contend between requests.
     faiss.omp_set_num_threads(1)
     typer.echo(

@@ -408,7 +408,7 @@ def _link_or_copy_tree(src: Path, dst: Path) -> None:
 
 def build_index(
     model_path: str | Path,
-    images: Sequence[str | Path],
+    images: Sequence[str | Path] | str | Path,
     out_dir: str | Path,
     index_type: str = "auto",
     add: bool = False,
@@ -431,6 +431,8 @@ def build_index(
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
+    if isinstance(images, (str, Path)):  # one source given bare
+        images = [images]
     if index_type not in INDEX_TYPES:
         raise ImageIndexError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     model_file = resolve_model_path(model_path)
@@ -587,3 +589,30 @@ def build_index(
         seconds=time.perf_counter() - t0,
         skipped_counts=counts,
     )
+
+
+def search_paths(
+    index_dir: str | Path,
+    queries: Sequence[str | Path],
+    k: int = 5,
+    model_path: str | Path | None = None,
+    batch_size: int = 32,
+) -> list[list[dict[str, Any]]]:
+    """Top-k for query image files, one list of result dicts (id, path, label, domain, distance) per query.
+
+    The library form of ``uniembed search``; the model defaults to the one recorded in the index and must
+    have the same fingerprint. An unreadable query raises ``BadImageError`` naming it.
+    """
+    from uniembed.data.images import BadImageError, load_image
+
+    ix = ImageIndex.load(index_dir)
+    embedder = Embedder(model_path if model_path is not None else ix.info["model"]["path"])
+    ix.check_model(embedder.fingerprint)
+    images = []
+    for q in queries:
+        try:
+            images.append(load_image(q))
+        except BadImageError as e:
+            raise BadImageError(e.reason, f"query {q}: {e.detail}") from e
+    vecs = embedder.embed_images(images, batch_size=batch_size)
+    return [[h.to_dict() for h in hits] for hits in ix.search_batch(vecs, k)]
