@@ -13,7 +13,8 @@
   Rank 0 validates and writes every output.
 
 Run directory: ``config.yaml``, ``head.pt``, ``checkpoint.pt``, ``metrics.jsonl``, ``curve.png``,
-``summary.json`` (+ ``backbone_finetuned.pt`` after the optional fine-tune stage).
+``summary.json``, ``split.json`` (train / held-out labels), and ``backbone_finetuned.pt`` after the optional
+fine-tune stage.
 """
 
 from __future__ import annotations
@@ -523,6 +524,14 @@ def _train(
     }
     if di.is_main:
         cfg.to_yaml(run / "config.yaml")
+        # The label split itself, so evaluation can use the held-out labels without recomputing it.
+        split = {
+            "train_labels": data.split.train_labels,
+            "val_labels": data.split.val_labels,
+            "label_domain": data.split.label_domain,
+            "per_domain": data.split.summary(),
+        }
+        _atomic_write_text(run / "split.json", json.dumps(split, indent=1))
         if not history:  # epoch 0: the untrained (e.g. PCA-initialised) head
             history.append(
                 {
