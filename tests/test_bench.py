@@ -167,6 +167,17 @@ def test_bench_rejects_unknown_measure(tmp_path: Path) -> None:
     assert r.returncode == 2 and "unknown measure" in (r.stdout + r.stderr)
 
 
+def test_bench_failed_side_is_reported_not_crashed(tmp_path: Path) -> None:
+    """A side that fails (here: no photos under --data) gives a FAILED line, exit code 1, and its log."""
+    r = _run_cli(["--quick", "--only", "extract", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert r.returncode == 1
+    assert "FAILED extract: baseline: BenchDataError" in r.stdout and "RATIO" not in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr
+    res = json.loads((tmp_path / "o" / "extract.json").read_text())
+    assert "neither" in res["error"] and Path(res["baseline"]["log"]).exists()
+
+
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_bench_quick_extract_and_head_cli(shared_data: Path, tmp_path: Path) -> None:
     """Extraction (project vs baseline) and the head epoch on 16 real images, through the CLI."""
@@ -195,5 +206,7 @@ def test_extract_profile_in_process(shared_data: Path, tmp_path: Path) -> None:
     res = extract_profile(cfg, ProgressFile(None))
     stages = res["details"]["stages"]
     assert {"prepare", "extract_worker", "extract_main", "baseline"} <= set(stages)
-    assert all(v["ms_per_image"] > 0 for g in stages.values() for k, v in g.items() if "float16 array" not in k)
+    assert all(
+        v["ms_per_image"] > 0 for g in stages.values() for k, v in g.items() if "float16 array" not in k
+    )
     assert res["details"]["summary"]["images"] == 8

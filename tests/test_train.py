@@ -193,3 +193,12 @@ def test_config_yaml_roundtrip_overrides_and_errors(tmp_path: Path) -> None:
         TrainConfig.from_yaml(tmp_path / "bad.yaml")
     with pytest.raises(ValueError, match="features"):
         TrainConfig().validate()
+
+
+def test_no_held_out_labels_trains_without_validation(tmp_path: Path) -> None:
+    """One label per domain: nothing can be held out, so training runs and says validation was skipped."""
+    feats = write_synthetic_features(tmp_path / "f", classes_per_domain=1, per_class=6)
+    run = train(_cfg(feats, tmp_path / "r", epochs=2))
+    s = json.loads((run / "summary.json").read_text())
+    assert s["val"] is None and s["baselines"] == {} and s["epochs_done"] == 2
+    load_head(run)

@@ -59,7 +59,7 @@ class Data:
 def _combine(parts: list[np.ndarray], blocknorm: bool) -> np.ndarray:
     """Concatenate pooled blocks; with ``blocknorm`` each block is L2-normalised first so a 1280-d block
     does not drown a 96-d one (the magnitudes of different stages differ by ~10x)."""
-    if blocknorm:
+    if blocknorm and len(parts) > 1:
         parts = [p / (np.linalg.norm(p, axis=-1, keepdims=True) + 1e-8) for p in parts]
     return np.concatenate(parts, axis=-1).astype(np.float32)
 

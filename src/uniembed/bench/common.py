@@ -38,7 +38,6 @@ class BenchConfig:
     # search_ann
     ann_n: int = 2_000_000
     ann_queries: int = 600
-    ann_train: int = 100_000
     ann_nlist: int = 1024
     ann_clusters: int = 20_000
     recall_goal: float = 0.95
@@ -53,13 +52,7 @@ class BenchConfig:
             cfg.profile_images = min(cfg.profile_images, 16)
             cfg.head_backbone_batches = min(cfg.head_backbone_batches, 2)
             cfg.exact_n, cfg.exact_queries = 20_000, 300
-            cfg.ann_n, cfg.ann_queries, cfg.ann_train, cfg.ann_nlist, cfg.ann_clusters = (
-                50_000,
-                200,
-                10_000,
-                64,
-                500,
-            )
+            cfg.ann_n, cfg.ann_queries, cfg.ann_nlist, cfg.ann_clusters = 50_000, 200, 64, 500
         if not cfg.threads:
             from uniembed.bench.sysinfo import cpu_count
 

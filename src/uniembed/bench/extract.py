@@ -145,6 +145,7 @@ def extract_project(cfg: BenchConfig, progress: ProgressFile) -> dict:
 
     The primary figure is prepare + extract: the path from image files to the feature cache. The one-time
     ONNX export of the backbone (cached per machine) is done before the clock starts and reported apart."""
+    from uniembed.bench.sysinfo import peak_rss_since_reset_mb, reset_peak_rss
     from uniembed.data.prepare import prepare
     from uniembed.features import extract as ext
     from uniembed.models.registry import create_backbone
@@ -168,27 +169,36 @@ def extract_project(cfg: BenchConfig, progress: ProgressFile) -> dict:
 
     shutil.rmtree(ds_dir, ignore_errors=True)
     shutil.rmtree(feat_root, ignore_errors=True)
+    # Peak RSS of each phase of this process (the side's overall peak and process tree are measured by the
+    # parent); prepare's pool and extract's DataLoader workers are separate processes, not included here.
+    phase_peak: dict[str, float | None] = {}
     progress.update(1, 3, f"prepare: {len(rows)} files -> shards", force=True)
+    reset_peak_rss()
     t0 = time.perf_counter()
     manifest = prepare([str(csv_path)], ds_dir, min_per_class=1, progress=False)
     t_prepare = time.perf_counter() - t0
+    phase_peak["prepare"] = peak_rss_since_reset_mb()
     if int(manifest["count"]) != len(rows):
         raise RuntimeError(
             f"prepare kept {manifest['count']} of {len(rows)} images: {manifest.get('skipped')}"
         )
 
     progress.update(2, 3, f"extract: shards -> features ({engine})", force=True)
+    reset_peak_rss()
     t0 = time.perf_counter()
     fdir = ext.extract(ds_dir, cfg.backbone, out_root=feat_root, threads=cfg.threads, progress=False)
     t_extract = time.perf_counter() - t0
+    phase_peak["extract"] = peak_rss_since_reset_mb()
     stats = ext.LAST_STATS
     n = int(stats.images)
 
     progress.update(3, 3, "embed_paths: files -> features in memory", force=True)
     ext._RUNNERS.clear()
+    reset_peak_rss()
     t0 = time.perf_counter()
     res = ext.embed_paths([r["path"] for r in rows], cfg.backbone, threads=cfg.threads)
     t_embed = time.perf_counter() - t0
+    phase_peak["embed_paths"] = peak_rss_since_reset_mb()
 
     total = t_prepare + t_extract
     return {
@@ -210,6 +220,7 @@ def extract_project(cfg: BenchConfig, progress: ProgressFile) -> dict:
             "embed_paths_images_per_s": len(res) / t_embed,
             "embed_paths_note": "files -> features in memory in one process (decode on the main thread)",
             "one_time_warmup_s": t_warm,
+            "main_process_peak_rss_mb_by_phase": phase_peak,
             "feature_dir": str(fdir),
         },
     }
@@ -222,8 +233,9 @@ def _prepare_workers() -> int:
 
 
 # ---------------------------------------------------------------------------------------------- profile
-def _time_each(items: list, fn: Callable, reps: int = 1) -> tuple[list, float]:
-    """Apply ``fn`` to each item; returns the outputs and the best-of-``reps`` total seconds."""
+def _time_each(items: list, fn: Callable, reps: int = 3) -> tuple[list, float]:
+    """Apply ``fn`` to each item; returns the outputs and the best-of-``reps`` total seconds (the best run
+    is the one least disturbed by other processes on a shared machine)."""
     best = float("inf")
     out: list = []
     for _ in range(reps):
@@ -255,7 +267,7 @@ def extract_profile(cfg: BenchConfig, progress: ProgressFile) -> dict:
     paths = [r["path"] for r in rows]
     n = len(paths)
     stages: dict[str, dict] = {}
-    steps = 12
+    steps = 14
     step = 0
 
     def record(group: str, name: str, seconds: float, note: str = "") -> None:
@@ -265,7 +277,7 @@ def extract_profile(cfg: BenchConfig, progress: ProgressFile) -> dict:
         progress.update(step, steps, f"{group}: {name}", force=True)
 
     torch.set_num_threads(1)  # per-image stages run single-threaded, as in a DataLoader worker
-    raw, t = _time_each(paths, lambda p: Path(p).read_bytes(), reps=2)
+    raw, t = _time_each(paths, lambda p: Path(p).read_bytes())
     record("io", "read file bytes", t, "page cache warm")
     # --- prepare (files -> shard JPEGs)
     dec, t = _time_each(raw, load_image)
@@ -286,12 +298,12 @@ def extract_profile(cfg: BenchConfig, progress: ProgressFile) -> dict:
         record("extract_worker", "squash-resize to 224 (antialiased interpolate) + float16", t)
     # --- main process: collate, copy, model
     B = 64
-    batches = [torch.stack(rsz[s : s + B]) for s in range(0, n, B)]
-    t0 = time.perf_counter()
-    arrs = [np.ascontiguousarray(b.numpy(), dtype=np.float32) for b in batches]
-    record("extract_main", "collate + float16->float32 copy", time.perf_counter() - t0)
+    torch.set_num_threads(cfg.threads)
+    groups = [rsz[s : s + B] for s in range(0, n, B)]
+    arrs, t = _time_each(groups, lambda g: np.ascontiguousarray(torch.stack(g).numpy(), dtype=np.float32))
+    record("extract_main", "collate (stack) + float16->float32 copy", t)
     runner = ext.make_runner(bb, "auto", threads=cfg.threads)
-    runner(arrs[0][:2])  # warm the session
+    runner(arrs[0])  # warm-up: session arena and kernels for this batch shape
     t0 = time.perf_counter()
     outs = [runner(a) for a in arrs]
     record(
@@ -312,7 +324,7 @@ def extract_profile(cfg: BenchConfig, progress: ProgressFile) -> dict:
     torch.set_num_threads(cfg.threads)
     bb_batches = [torch.stack(tens[s : s + cfg.batch_size]) for s in range(0, n, cfg.batch_size)]
     with torch.no_grad():
-        model(bb_batches[0][:2])
+        model(bb_batches[0])  # warm-up: oneDNN primitives for this batch shape
         t0 = time.perf_counter()
         for b in bb_batches:
             model(b)

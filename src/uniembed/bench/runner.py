@@ -213,6 +213,12 @@ def _run_side(cfg: BenchConfig, name: str, side: str, fn: str, progress: Progres
     res["log"] = str(log_path)
     if "error" in res:
         console.print(f"[red]{name} · {side} failed:[/] {res['error'].splitlines()[0]}  (log: {log_path})")
+    else:
+        fig = f"{fmt(res['figure'])} {res.get('unit', '')}" if res.get("figure") is not None else "done"
+        console.print(
+            f"[green]✓[/] {name} · {side}: {fig} in {wall:.1f} s, peak RSS {_mb(res['peak_rss_mb'])} MB "
+            f"(tree {_mb(peak_tree)} MB)"
+        )
     return res
 
 
@@ -324,7 +330,10 @@ def print_report(cfg: BenchConfig, results: dict[str, dict], wall_s: float, cons
             c = r["checks"]
             notes.append(
                 f"search_ann: recall@{cfg.k} {c[f'recall_at_{cfg.k}']:.4f} at nprobe {c['nprobe']} "
-                f"({p['details']['index']}, {p['details']['vectors']:,} clustered vectors)"
+                f"({p['details']['index']}, {p['details']['vectors']:,} clustered vectors); at the project's "
+                f"default nprobe rule ({p['details']['project_rule_nprobe']}): recall@{cfg.k} "
+                f"{p['details'][f'project_rule_recall_at_{cfg.k}']:.4f}, "
+                f"{p['details']['project_rule_qps']:.0f} queries/s"
             )
         if name == "search_exact":
             a = r["checks"]["top_k_agreement"]

@@ -150,3 +150,25 @@ def tree_rss_mb(pid: int) -> float:
         total += _rss_kib(p)
         stack.extend(kids.get(p, []))
     return total / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark (VmHWM) to its current RSS, so the peak of one phase can be read
+    after another (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``). False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset_mb() -> float | None:
+    """VmHWM of this process in MB: the peak since start or since the last ``reset_peak_rss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None

@@ -52,7 +52,10 @@ def register(app: typer.Typer) -> None:
             32, "--batch-size", min=1, help="Images per batch when embedding images with a model."
         ),
         grid_queries: int = typer.Option(
-            8, "--grid-queries", min=0, help="Queries shown in grid.png (spread over domains; 0 = no grid)."
+            8,
+            "--grid-queries",
+            min=0,
+            help="Queries shown in grid.png, spread over domains; half are queries with a miss (0: no grid).",
         ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
@@ -84,7 +87,7 @@ def register(app: typer.Typer) -> None:
             f"{res['n_labels']} labels"
         )
         t.add_column("method")
-        t.add_column("domain")
+        t.add_column("domain", overflow="fold")
         for k in ("mP@5", "recall@1", "recall@5", "mAP@100", "queries"):
             t.add_column(k, justify="right")
         for name, m in res["methods"].items():

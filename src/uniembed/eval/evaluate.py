@@ -389,6 +389,11 @@ def evaluate(
         model_name = "saved_model" if kind == "saved_model" else "run model"
         if fs is not None:
             # the feature dir's own images: read them from its prepared dataset, rows aligned by key
+            if len(feature_dirs) > 1:
+                raise EvalError(
+                    f"{len(feature_dirs)} feature dirs: sample keys are only unique within one dataset; pass "
+                    "--data with one feature dir or prepared dataset"
+                )
             ds = items.dataset_dir
             if not ds or not (Path(ds) / "manifest.json").exists():
                 raise EvalError(
@@ -396,6 +401,7 @@ def evaluate(
                 )
             want = set(items.keys)
             got: dict[str, int] = {}
+            bad: set[str] = set()
 
             def only_wanted() -> Iterator[Any]:
                 from torchvision.transforms.functional import pil_to_tensor
@@ -410,6 +416,7 @@ def evaluate(
                         t = pil_to_tensor(load_image(s.image_bytes))
                     except BadImageError as e:
                         skipped[f"bad image: {e.reason}"] += 1
+                        bad.add(s.key)
                         continue
                     got[s.key] = len(got)
                     yield t
@@ -418,8 +425,9 @@ def evaluate(
                 only_wanted(), total=len(want), progress=progress, desc=f"embedding ({model_name})"
             )
             keep_rows = [i for i, k in enumerate(items.keys) if k in got]
-            if len(keep_rows) < len(items):
-                skipped["not in dataset / undecodable"] += len(items) - len(keep_rows)
+            missing = len(want - set(got) - bad)
+            if missing:
+                skipped["key not found in the prepared dataset"] += missing
             items = Items(
                 [items.labels[i] for i in keep_rows],
                 [items.domains[i] for i in keep_rows],
@@ -499,7 +507,12 @@ def evaluate(
 
     plot_per_domain(out, result)
     r0 = raw_results[first]
-    queries = spread_rows(doms, grid_queries, allowed=r0.scored)
+    # Half the rows show queries with at least one miss (where the method fails is the informative part),
+    # the rest are spread over all scored queries; both spread over domains, deterministic.
+    missed = r0.scored & (r0.per_query_mp5 < 1.0)
+    hard = spread_rows(doms, grid_queries // 2, allowed=missed)
+    rest = spread_rows(doms, grid_queries, allowed=r0.scored & ~np.isin(np.arange(len(doms)), hard))
+    queries = hard + [q for q in rest if q not in hard][: max(0, grid_queries - len(hard))]
     if queries:
         need = sorted({*queries, *[int(i) for q in queries for i in r0.neighbors[q] if i >= 0]})
         thumbs, missing = load_thumbnails(need, items.paths, items.keys, items.dataset_dir)
@@ -509,7 +522,8 @@ def evaluate(
             r0.neighbors,
             labels,
             thumbs,
-            f"{result['source_name']} ({first}): top-5 of {len(queries)} queries — green right, red wrong",
+            f"{result['source_name']} ({first}): top-5 of {len(queries)} queries ({len(hard)} with a miss, "
+            "the rest evenly spread) — green right, red wrong",
             lambda i: _short(items.labels[i]),
         )
         result["grid"] = {"method": first, "queries": len(queries), "missing_thumbnails": missing}

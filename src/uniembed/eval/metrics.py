@@ -59,17 +59,27 @@ def _topk_stable(d2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k smallest values per row, ties broken by lower column index.
 
     ``torch.topk`` picks arbitrarily among equal values at the k-th boundary; a full stable sort would be
-    O(N log N) per row. Instead: take the k-th value, keep everything strictly below it plus the first
-    needed columns equal to it (cumsum in column order), then order those k by (value, column)."""
+    O(N log N) per row. Instead: topk(k+1) finds the rows whose k-th value is tied with a left-out column
+    (rare with real embeddings); only for those, keep everything strictly below the k-th value plus the
+    first needed equal columns (cumsum in column order). The k picks are then ordered by (value, column)."""
+    n_rows, n_cols = d2.shape
     if k == 0:
-        return d2.new_zeros((d2.shape[0], 0)), torch.zeros((d2.shape[0], 0), dtype=torch.long)
-    kth = torch.topk(d2, k, dim=1, largest=False).values[:, -1:]
-    below = d2 < kth
-    equal = d2 == kth
-    need = k - below.sum(1, keepdim=True)
-    chosen = below | (equal & (torch.cumsum(equal, 1) <= need))
-    cols = chosen.nonzero()[:, 1].view(d2.shape[0], k)  # row-major: ascending column within each row
-    vals = d2.gather(1, cols)
+        return d2.new_zeros((n_rows, 0)), torch.zeros((n_rows, 0), dtype=torch.long)
+    kk = min(k + 1, n_cols)
+    vals, cols = torch.topk(d2, kk, dim=1, largest=False, sorted=True)
+    if kk > k:
+        ambiguous = (vals[:, k] == vals[:, k - 1]).nonzero().squeeze(1)
+        vals, cols = vals[:, :k].contiguous(), cols[:, :k].contiguous()
+        if ambiguous.numel():
+            sub, sub_kth = d2[ambiguous], vals[ambiguous, k - 1 :]
+            equal = sub == sub_kth
+            need = k - (sub < sub_kth).sum(1, keepdim=True)
+            chosen = (sub < sub_kth) | (equal & (torch.cumsum(equal, 1) <= need))
+            sub_cols = chosen.nonzero()[:, 1].view(-1, k)  # row-major: ascending column within each row
+            cols[ambiguous] = sub_cols
+            vals[ambiguous] = sub.gather(1, sub_cols)
+    cols, perm = torch.sort(cols, dim=1)
+    vals = vals.gather(1, perm)
     order = torch.sort(vals, dim=1, stable=True).indices
     return vals.gather(1, order), cols.gather(1, order)
 

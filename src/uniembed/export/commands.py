@@ -75,6 +75,9 @@ def register(app: typer.Typer) -> None:
         except (FileNotFoundError, ValueError, KeyError) as e:
             console.print(f"[red]error:[/] {e}")
             raise typer.Exit(2) from None
+        except RuntimeError as e:
+            console.print(f"[red]export failed:[/] {e}")
+            raise typer.Exit(1) from None
         console.print(
             f"[bold green]exported[/] {dest}/saved_model.pt (fingerprint {rec['fingerprint']}), "
             f"model card {dest}/model_card.md"

@@ -70,7 +70,10 @@ class Embedder:
 
     @torch.no_grad()
     def _run(self, batch: list[torch.Tensor]) -> np.ndarray:
-        out = self.model(torch.stack(batch))
+        # TorchScript's profiling executor re-profiles (at about half speed) for every new input shape; photos
+        # come in many sizes, and measured steady-state speed is the same without it, so it is switched off.
+        with torch.jit.optimized_execution(False):
+            out = self.model(torch.stack(batch))
         if not torch.isfinite(out).all():
             raise RuntimeError(f"model {self.source} produced non-finite embeddings")
         return out.float().cpu().numpy()
@@ -146,7 +149,10 @@ def load_embedder(path: str | Path, batch_size: int = 32, threads: int | None = 
         raise FileNotFoundError(f"{p} does not exist")
     sm = resolve_saved_model(p)
     if sm is not None:
-        model = torch.jit.load(str(sm), map_location="cpu").eval()
+        from uniembed.export.model import quiet_jit
+
+        with quiet_jit():
+            model = torch.jit.load(str(sm), map_location="cpu").eval()
         return Embedder(model, sm, file_fingerprint(sm), batch_size=batch_size)
     if p.is_dir() and (p / "head.pt").exists():
         from uniembed.export.model import build_run_model

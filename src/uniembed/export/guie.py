@@ -28,7 +28,7 @@ def export_guie(
     from rich.console import Console
 
     from uniembed.export.card import write_card
-    from uniembed.export.model import build_run_model, feature_dirs_of, feature_info, script_model
+    from uniembed.export.model import build_run_model, feature_dirs_of, feature_info, quiet_jit, script_model
     from uniembed.export.parity import check_parity as _check_parity
     from uniembed.export.parity import require_parity
 
@@ -43,10 +43,11 @@ def export_guie(
     with console.status("TorchScript: scripting the GUIE model"):
         ts, how = script_model(rm.model, pre.input_size)
         tmp = out / (SAVED_MODEL + ".tmp")
-        torch.jit.save(ts, str(tmp))
-        os.replace(tmp, out / SAVED_MODEL)
-        # Round trip: what was saved is what loads, and it honours the contract on an odd size.
-        loaded = torch.jit.load(str(out / SAVED_MODEL))
+        with quiet_jit():
+            torch.jit.save(ts, str(tmp))
+            os.replace(tmp, out / SAVED_MODEL)
+            # Round trip: what was saved is what loads, and it honours the contract on an odd size.
+            loaded = torch.jit.load(str(out / SAVED_MODEL))
         with torch.no_grad():
             y = loaded(torch.randint(0, 256, (2, 3, 97, 301), dtype=torch.uint8))
         if y.dtype != torch.float32 or tuple(y.shape) != (
@@ -61,7 +62,13 @@ def export_guie(
         from uniembed.export.onnx_export import export_onnx
 
         with console.status("ONNX: exporting and verifying in onnxruntime (takes a few seconds)"):
-            onnx_rec = export_onnx(rm.model, out / "model.onnx", pre.input_size)
+            try:
+                onnx_rec = export_onnx(rm.model, out / "model.onnx", pre.input_size)
+            except Exception as e:  # both the dynamic and the fixed-size export failed
+                raise RuntimeError(
+                    f"ONNX export failed ({type(e).__name__}: {str(e)[:500]}); saved_model.pt is written, "
+                    "rerun with --no-onnx to finish the export without model.onnx"
+                ) from e
         console.print(
             f"[green]model.onnx[/] written (dynamic H/W: {onnx_rec['dynamic_hw']}, "
             f"max |diff| on random inputs {onnx_rec['verify_max_abs_diff']:.2e})"

@@ -7,6 +7,9 @@ and head are composed in exactly one place.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,16 @@ import torch
 from torch import nn
 
 from uniembed.models.preprocess import ImagePreprocessor, PreprocessConfig
+
+
+@contextlib.contextmanager
+def quiet_jit() -> Iterator[None]:
+    """Silence torch's "torch.jit.* is deprecated" FutureWarnings: TorchScript is the GUIE submission format
+    (saved_model.pt), so the notice is noise to our users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")
+        warnings.filterwarnings("ignore", message=r".*TorchScript type system.*")
+        yield
 
 
 class GuieModel(nn.Module):
@@ -119,16 +132,17 @@ def script_model(model: GuieModel, example_size: int) -> tuple[torch.jit.ScriptM
     Returns the script module and how the backbone was compiled ("scripted" or "traced")."""
     backbone: nn.Module = model.backbone
     how = "scripted"
-    try:
-        backbone = torch.jit.script(model.backbone)
-    except Exception:  # any scripting failure falls back to tracing, which is checked below
-        how = "traced"
-        example = torch.randn(2, 3, example_size, example_size)
-        with torch.no_grad():
-            backbone = torch.jit.trace(model.backbone, example, check_trace=False)
-            ref = model.backbone(example)
-            got = backbone(example)
-        if not torch.allclose(ref, got, atol=1e-4, rtol=1e-4):
-            raise RuntimeError("traced backbone disagrees with the eager backbone") from None
-    wrapper = GuieModel(model.preprocessor, backbone, model.head).eval()
-    return torch.jit.script(wrapper), how
+    with quiet_jit():
+        try:
+            backbone = torch.jit.script(model.backbone)
+        except Exception:  # any scripting failure falls back to tracing, which is checked below
+            how = "traced"
+            example = torch.randn(2, 3, example_size, example_size)
+            with torch.no_grad():
+                backbone = torch.jit.trace(model.backbone, example, check_trace=False)
+                ref = model.backbone(example)
+                got = backbone(example)
+            if not torch.allclose(ref, got, atol=1e-4, rtol=1e-4):
+                raise RuntimeError("traced backbone disagrees with the eager backbone") from None
+        wrapper = GuieModel(model.preprocessor, backbone, model.head).eval()
+        return torch.jit.script(wrapper), how

@@ -102,11 +102,12 @@ def check_parity(
 
     ``photos``: original image paths to use (default: taken from the run's feature cache metadata, spread
     over domains). Returns a JSON-able report with ``passed``; does not raise (``require_parity`` does)."""
-    from uniembed.export.model import feature_dirs_of
+    from uniembed.export.model import feature_dirs_of, quiet_jit
     from uniembed.export.onnx_export import onnx_session, run_onnx
     from uniembed.features.store import load_feature_set
 
-    ts = torch.jit.load(str(saved_model), map_location="cpu").eval()
+    with quiet_jit():
+        ts = torch.jit.load(str(saved_model), map_location="cpu").eval()
     sess = onnx_session(onnx_path) if onnx_path else None
     model, head = run_model.model.eval(), run_model.head.eval()
     notes: list[str] = []

@@ -68,12 +68,9 @@ def register(app: typer.Typer) -> None:
 
         Resumable: a killed run continues from the shards it had finished.
         """
-        from rich.console import Console
-
         from uniembed.data.sources import DataError
         from uniembed.features import extract as ex
 
-        console = Console(stderr=False)
         try:
             path = ex.extract(
                 dataset_dir,
@@ -91,19 +88,24 @@ def register(app: typer.Typer) -> None:
             )
         except (ex.ExtractError, DataError, KeyError, ValueError, FileNotFoundError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            console.print(f"[red]extract failed:[/red] {msg}")
+            typer.echo(f"extract failed: {msg}", err=True)
             raise typer.Exit(code=1) from None
         import json
 
         info = json.loads((path / "info.json").read_text())
         st = ex.LAST_STATS
-        console.print(str(path))
+        # Plain echo (not rich) so the path never wraps: scripts read it from the first line.
+        typer.echo(str(path))
         if st.cached:
             speed = "cached (nothing to do)"
         else:
             speed = f"{st.images_per_s:.1f} images/s ({st.engine}"
             speed += f", {st.reused_shards} shard(s) reused)" if st.reused_shards else ")"
-        console.print(
+        skipped = info.get("skipped", [])
+        typer.echo(
             f"count={info['count']} dim={info['dim']} backbone={info['backbone']} pooling={info['pooling']} "
-            f"skipped={len(info.get('skipped', []))} speed={speed}"
+            f"skipped={len(skipped)} speed={speed}"
         )
+        if skipped:
+            counts = ", ".join(f"{k}: {v}" for k, v in info.get("skipped_counts", {}).items())
+            typer.echo(f"skipped images by reason: {counts}")

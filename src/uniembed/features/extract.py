@@ -282,6 +282,8 @@ def make_runner(
             runner = TorchRunner(backbone, device=device, threads=threads, compile=compile)
     else:
         runner = TorchRunner(backbone, device=device, threads=threads, compile=compile)
+    # Keep the module alive with its runner: the cache key uses id(module), which must not be recycled.
+    runner.module_ref = backbone.module
     _RUNNERS.clear()  # keep at most one live session (they hold the whole network)
     _RUNNERS[key] = runner
     return runner
@@ -573,10 +575,8 @@ def _run_shards(
     """Feed the remaining shards through the runner, writing each shard's part as soon as it is complete."""
     from tqdm.auto import tqdm
 
-    per_shard = int(manifest.get("options", {}).get("shard_size") or 0)
-    total = int(manifest.get("count", 0))
-    if per_shard:
-        total = min(total, len(todo) * per_shard) if done else total
+    finished = sum(len(m) + len(b) for _, m, b in done.values())
+    total = max(0, int(manifest.get("count", 0)) - finished)
     dataset = _ShardBatches(todo, bb.preprocess, batch_size, draft)
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -636,6 +636,42 @@ class EmbedResult:
         return int(self.features.shape[0])
 
 
+class _ItemPixels(torch.utils.data.Dataset):
+    """Map-style dataset over arbitrary image inputs -> (position, float16 pixels or None, bad reason)."""
+
+    def __init__(self, items: Sequence[Any], pre: PreprocessConfig, draft: bool):
+        self.items = items
+        self.pre_cfg = pre
+        self.draft = draft
+        self._pre: ImagePreprocessor | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        from uniembed.data.images import BadImageError
+
+        if self._pre is None:
+            self._pre = ImagePreprocessor(self.pre_cfg)
+        item = self.items[i]
+        try:
+            if isinstance(item, str | os.PathLike) and not Path(item).is_file():
+                raise BadImageError("missing file", str(item))
+            return i, decode_resized(item, self._pre, self.draft), ""
+        except BadImageError as e:
+            return i, None, f"{e.reason}: {e.detail}" if e.detail else e.reason
+
+
+def _collate_items(batch: list[tuple[int, torch.Tensor | None, str]]) -> dict:
+    """Stack the decodable images of a batch (in the worker) and pass the bad ones through by position."""
+    good = [(i, t) for i, t, _ in batch if t is not None]
+    return {
+        "idx": [i for i, _ in good],
+        "pixels": torch.stack([t for _, t in good]) if good else None,
+        "bad": [(i, r) for i, t, r in batch if t is None],
+    }
+
+
 def embed_paths(
     items: Sequence[Any],
     backbone: str | Backbone = "mobilenetv2",
@@ -643,6 +679,7 @@ def embed_paths(
     engine: str = "auto",
     batch_size: int = 64,
     threads: int | None = None,
+    workers: int | None = None,
     pretrained: bool = True,
     on_bad: str = "skip",
     device: str | None = None,
@@ -652,8 +689,10 @@ def embed_paths(
     """Embed image files / bytes / PIL images with exactly the extraction pipeline (same decode, resize and
     engine), e.g. to evaluate raw features on files that were never prepared into shards.
 
-    ``on_bad="skip"`` skips undecodable inputs and lists them in ``skipped``; ``"raise"`` raises
-    ``BadImageError`` naming the input."""
+    ``backbone`` is a registry name or a ready ``Backbone`` (reuse one across calls: the engine session is
+    cached per backbone). ``workers`` decode processes (default: none for short lists).
+    ``on_bad="skip"`` skips undecodable inputs and lists ``(position, reason)`` in ``skipped``; ``"raise"``
+    raises ``BadImageError`` naming the input."""
     from tqdm.auto import tqdm
 
     from uniembed.data.images import BadImageError
@@ -666,31 +705,31 @@ def embed_paths(
         else create_backbone(backbone, pretrained=pretrained, pooling=pooling)
     )
     runner = make_runner(bb, engine, threads=threads, device=device)
-    pre = bb.preprocessor()
+    n_batches = -(-len(items) // batch_size)
+    if workers is None:
+        workers = 0 if len(items) < 4 * batch_size else default_workers(n_batches)
+    loader = torch.utils.data.DataLoader(
+        _ItemPixels(items, bb.preprocess, draft),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=max(0, int(workers)),
+        collate_fn=_collate_items,
+        worker_init_fn=_worker_init if workers else None,
+    )
     feats: list[np.ndarray] = []
     ok: list[int] = []
     skipped: list[tuple[int, str]] = []
-    pix: list[torch.Tensor] = []
-
-    def flush() -> None:
-        if pix:
-            feats.append(np.asarray(runner(torch.stack(pix)), dtype=np.float32))
-            pix.clear()
-
-    for i, item in enumerate(tqdm(items, unit="img", disable=not progress, desc="embed")):
-        try:
-            if isinstance(item, str | os.PathLike) and not Path(item).is_file():
-                raise BadImageError("missing file", str(item))
-            pix.append(decode_resized(item, pre, draft))
-            ok.append(i)
-        except BadImageError as e:
-            if on_bad == "raise":
-                raise BadImageError(
-                    e.reason, f"{item if isinstance(item, str | os.PathLike) else i}: {e.detail}"
-                ) from e
-            skipped.append((i, e.reason))
-        if len(pix) >= batch_size:
-            flush()
-    flush()
+    with tqdm(total=len(items), unit="img", disable=not progress, desc="embed") as bar:
+        for batch in loader:
+            for i, reason in batch["bad"]:
+                if on_bad == "raise":
+                    item = items[i]
+                    name = item if isinstance(item, str | os.PathLike) else f"input #{i}"
+                    raise BadImageError(reason.split(":", 1)[0], f"{name}: {reason}")
+                skipped.append((i, reason.split(":", 1)[0]))
+            if batch["pixels"] is not None:
+                feats.append(np.asarray(runner(batch["pixels"]), dtype=np.float32))
+                ok += batch["idx"]
+            bar.update(len(batch["idx"]) + len(batch["bad"]))
     f = np.concatenate(feats) if feats else np.zeros((0, bb.dim), np.float32)
     return EmbedResult(features=f, indices=np.asarray(ok, dtype=np.int64), skipped=skipped)

@@ -379,10 +379,16 @@ def timm_backbone(name: str, pretrained: bool = True, pooling: str = "avg", **kw
         if kind.endswith("+stages"):
             raise ValueError("multi-stage pooling is only available for mobilenetv2 and efficientnet_lite*")
         create["global_pool"] = ""
+    if not name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(name):
+        raise KeyError(f"timm model {name!r} not available; see timm.list_models()")
     try:
         model = timm.create_model(name, **create)
-    except RuntimeError as e:  # timm raises RuntimeError for unknown model names
+    except RuntimeError as e:  # timm raises RuntimeError for unknown model / pretrained tag names
         raise KeyError(f"timm model {name!r} not available: {e}") from e
+    except TypeError as e:  # a model class that takes no global_pool argument
+        raise ValueError(f"timm:{name} does not support pooling {pooling!r}: {e}") from e
+    except OSError as e:  # download / hub cache problems (offline machine, bad token, disk full)
+        raise FileNotFoundError(f"could not load pretrained weights of timm:{name}: {e}") from e
     model.eval()
     cfg = resolve_data_config({}, model=model)
     size = _square_size(cfg["input_size"])
@@ -425,7 +431,12 @@ def open_clip_backbone(name: str, pretrained: bool = True, pooling: str = "avg",
         raise ValueError(f"open_clip:{name}: give a pretrained tag, e.g. open_clip:{arch}/laion2b_s32b_b79k")
     if arch not in open_clip.list_models():
         raise KeyError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
-    model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=tag if pretrained else None)
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=tag if pretrained else None)
+    except RuntimeError as e:  # unknown pretrained tag for this architecture
+        raise KeyError(f"open_clip:{name}: {e}") from e
+    except OSError as e:  # download / hub cache problems (offline machine, disk full)
+        raise FileNotFoundError(f"could not load pretrained weights of open_clip:{name}: {e}") from e
     visual = model.visual
     visual.eval()
     pcfg = dict(getattr(visual, "preprocess_cfg", {}) or {})

@@ -165,6 +165,12 @@ class TrainConfig:
             raise ValueError("need epochs >= 0, batch_size >= 1, val_every >= 1")
         if not 0.0 < self.split.val_fraction < 1.0:
             raise ValueError(f"split.val_fraction must be in (0, 1), got {self.split.val_fraction}")
+        # Check the head and loss sections now, before any data is loaded (in_dim comes from the features).
+        from uniembed.models.heads import head_config
+        from uniembed.models.losses import loss_config
+
+        head_config(dict(self.head, in_dim=1 << 30))
+        loss_config(self.loss)
         return self
 
 

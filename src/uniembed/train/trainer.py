@@ -365,7 +365,9 @@ def plot_curve(history: list[dict], base: dict[str, dict], path: Path) -> None:
                 label=f"head: {d}",
             )
     for j, (name, b) in enumerate(sorted(base.items())):
-        a2.axhline(b["mP@5"], ls="--" if j == 0 else ":", color="gray", label=f"{name} (all)")
+        a2.axhline(
+            b["mP@5"], ls="--", color=("dimgray", "darkgoldenrod", "purple")[j % 3], label=f"{name} (all)"
+        )
     a2.set_xlabel("epoch")
     a2.set_ylabel("val mP@5 (unseen labels)")
     a2.set_title("validation mP@5")
@@ -420,9 +422,11 @@ def train(
     cfg = config.validate()
     di = setup_distributed(cfg.device)
     console = Console(stderr=True, quiet=not di.is_main)
+    threads = torch.get_num_threads()
     try:
         return _train(cfg, di, console, resume, stop_after, overwrite)
     finally:
+        torch.set_num_threads(threads)  # the head-training thread count is ours, not the caller's
         if di.started_here and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -442,11 +446,9 @@ def _train(
     if resume and not ckpt_path.exists():
         raise FileNotFoundError(f"--resume: no {ckpt_path}")
     di.barrier()
-    if di.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-    di.barrier()
     dev = di.device
     _set_determinism(cfg, dev)
+    threads_before = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
 
@@ -457,6 +459,8 @@ def _train(
         dirs, cfg.split.val_fraction, cfg.split.seed, cfg.train_domains, cfg.split.unseen_domains_all_labels
     )
     load_s = time.perf_counter() - t0
+    if di.is_main:  # only now: bad input leaves no empty run dir behind
+        run.mkdir(parents=True, exist_ok=True)
     n_train, n_cls = len(data.train_idx), len(data.classes)
     console.print(
         f"[bold]train[/] {n_train} rows / {n_cls} classes, val {len(data.val_idx)} rows / "
@@ -497,7 +501,10 @@ def _train(
     history: list[dict] = []
     start_epoch = 0
     best: dict | None = None
-    base = baselines(data, hcfg["out_dim"]) if di.is_main else {}
+    has_val = len(data.val_idx) >= 2
+    if not has_val:
+        console.print("[yellow]no held-out labels with 2+ images: validation skipped[/]")
+    base = baselines(data, hcfg["out_dim"]) if di.is_main and has_val else {}
     if resume:
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         diff = _config_diff(ck["config"], cfg.to_dict())
@@ -532,7 +539,7 @@ def _train(
             "per_domain": data.split.summary(),
         }
         _atomic_write_text(run / "split.json", json.dumps(split, indent=1))
-        if not history:  # epoch 0: the untrained (e.g. PCA-initialised) head
+        if not history and has_val:  # epoch 0: the untrained (e.g. PCA-initialised) head
             history.append(
                 {
                     "epoch": 0,
@@ -614,7 +621,7 @@ def _train(
                 rngs = [None] * di.world
                 dist.all_gather_object(rngs, _rng_state())
             if di.is_main:
-                if epoch % cfg.val_every == 0 or epoch == last:
+                if has_val and (epoch % cfg.val_every == 0 or epoch == last):
                     t_v = time.perf_counter()
                     rec["val"] = score(
                         embed(head, val_feats), data.label_names[data.val_idx], data.domains[data.val_idx]
@@ -681,6 +688,7 @@ def _train(
 
     if cfg.finetune.enabled and last == cfg.epochs:
         if di.is_main:
+            torch.set_num_threads(threads_before)  # convolutions do benefit from every core
             from uniembed.train.finetune import finetune
 
             finetune(cfg, run, data, console)

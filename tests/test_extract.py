@@ -1,0 +1,240 @@
+"""Feature extraction over prepared shards: contents, cache, resume, engines, bad input, CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import uniembed.features.extract as E
+from uniembed.features.store import is_complete, load_feature_set
+
+
+def _cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def prepared(small_labels_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from uniembed.data.prepare import prepare
+
+    ds = tmp_path_factory.mktemp("prepared") / "ds"
+    prepare([str(small_labels_csv)], ds, shard_size=20, progress=False)
+    return ds
+
+
+@pytest.fixture(scope="module")
+def extracted(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out_root = tmp_path_factory.mktemp("features")
+    return E.extract(
+        prepared, out_root=out_root, engine="onnxruntime", batch_size=16, workers=1, progress=False
+    )
+
+
+def test_extract_writes_complete_feature_set(prepared: Path, extracted: Path) -> None:
+    from uniembed.data.shards import iter_samples, load_manifest
+    from uniembed.models import create_backbone
+
+    manifest = load_manifest(prepared)
+    n = manifest["count"]
+    assert n >= 40 and len(manifest["shards"]) == -(-n // 20)  # shards of 20
+    fs = load_feature_set(extracted)
+    samples = list(iter_samples(prepared))
+    assert len(fs) == len(samples) == n
+    assert fs.dim == 1280 and fs.features.dtype == np.float16
+    assert fs.keys == [s.key for s in samples]
+    assert fs.labels.tolist() == [s.meta["label_id"] for s in samples]
+    assert fs.paths == [s.meta["path"] for s in samples]
+    assert set(fs.domains.tolist()) == {"packaged_goods", "produce", "toys_household_objects"}
+    assert fs.label_names == manifest["labels"]
+    assert np.isfinite(fs.float32()).all() and (np.linalg.norm(fs.float32(), axis=1) > 0).all()
+    bb = create_backbone("mobilenetv2")
+    assert extracted.name == f"mobilenetv2-{bb.fingerprint()}-{manifest['hash'][:12]}"
+    info = fs.info
+    assert info["fingerprint"] == bb.fingerprint() and info["weights_hash"] == bb.weights_hash
+    assert info["manifest_hash"] == manifest["hash"] and info["engine"] == "onnxruntime"
+    assert info["pooling"] == "avg" and info["preprocess"]["input_size"] == 224 and info["skipped"] == []
+    assert not (extracted / "parts").exists()
+
+
+def test_second_call_is_a_cache_hit(prepared: Path, extracted: Path) -> None:
+    before = (extracted / "features.npy").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    out = E.extract(prepared, out_root=extracted.parent, engine="onnxruntime", progress=False)
+    elapsed = time.perf_counter() - t0
+    assert out == extracted and E.LAST_STATS.cached
+    assert (extracted / "features.npy").stat().st_mtime_ns == before
+    assert elapsed < 15, f"cache hit took {elapsed:.1f} s"
+
+
+def test_features_match_preprocessor_and_engines_agree(prepared: Path, extracted: Path) -> None:
+    """Extraction (worker decode + resize, ONNX Runtime) == ImagePreprocessor + torch on the same image, and
+    the torch engine agrees with ONNX Runtime."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from uniembed.data.images import load_image
+    from uniembed.data.shards import iter_samples
+    from uniembed.models import create_backbone
+
+    fs = load_feature_set(extracted)
+    samples = list(iter_samples(prepared))
+    pick = list(range(0, len(samples), 8))  # spread over shards and domains
+    bb = create_backbone("mobilenetv2")
+    pre = bb.preprocessor()
+    with torch.no_grad():
+        ref = torch.cat(
+            [bb.module(pre(pil_to_tensor(load_image(samples[i].image_bytes))[None])) for i in pick]
+        ).numpy()
+    got = fs.float32()[pick]
+    assert _cos_rows(got, ref).min() >= 0.999
+    images = [samples[i].image_bytes for i in pick]
+    by_torch = E.embed_paths(images, bb, engine="torch")
+    by_ort = E.embed_paths(images, bb, engine="onnxruntime")
+    assert _cos_rows(by_torch.features, by_ort.features).min() >= 0.999
+    assert _cos_rows(by_torch.features, got).min() >= 0.999
+
+
+def test_resume_after_crash_reuses_finished_shards(
+    prepared: Path, extracted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = E._write_part
+    written: list[Path] = []
+
+    def crash_after_two(path: Path, *args, **kwargs) -> None:
+        if len(written) == 2:
+            raise RuntimeError("simulated kill")
+        real_write(path, *args, **kwargs)
+        written.append(path)
+
+    monkeypatch.setattr(E, "_write_part", crash_after_two)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        E.extract(prepared, out_root=tmp_path, engine="onnxruntime", workers=0, batch_size=16, progress=False)
+    monkeypatch.undo()
+    out = tmp_path / extracted.name
+    assert not is_complete(out)
+    assert sorted(p.name for p in (out / "parts").glob("*.npz")) == ["shard-000000.npz", "shard-000001.npz"]
+
+    # A damaged part is redone rather than trusted.
+    (out / "parts" / "shard-000001.npz").write_bytes(b"half-written")
+    assert E.extract(prepared, out_root=tmp_path, engine="onnxruntime", workers=0, progress=False) == out
+    assert E.LAST_STATS.reused_shards == 1 and E.LAST_STATS.images == len(load_feature_set(extracted)) - 20
+    resumed, clean = load_feature_set(out), load_feature_set(extracted)
+    assert resumed.keys == clean.keys
+    assert np.allclose(resumed.float32(), clean.float32(), atol=2e-3)
+
+
+def _tiny_dataset(root: Path, n_good: int = 3) -> Path:
+    """A prepared dataset written by hand per docs/design.md, with one undecodable sample."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with tarfile.open(root / "shard-000000.tar", "w") as tar:
+        for i in range(n_good + 1):
+            key = f"{i:08d}"
+            if i == 1:
+                data = b"<html>not a jpeg</html>"
+            else:
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(buf, format="JPEG")
+                data = buf.getvalue()
+            meta = {
+                "label": f"l{i % 2}",
+                "label_id": i % 2,
+                "domain": "d",
+                "source": "s",
+                "path": f"/x/{i}.jpg",
+            }
+            for name, payload in ((f"{key}.jpg", data), (f"{key}.json", json.dumps(meta).encode())):
+                ti = tarfile.TarInfo(name)
+                ti.size = len(payload)
+                tar.addfile(ti, io.BytesIO(payload))
+    manifest = {
+        "version": 1,
+        "hash": "f" * 64,
+        "count": n_good + 1,
+        "shards": ["shard-000000.tar"],
+        "labels": ["l0", "l1"],
+        "options": {"shard_size": 100},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_bad_images_are_skipped_and_counted(tmp_path: Path) -> None:
+    ds = _tiny_dataset(tmp_path / "ds")
+    out = E.extract(
+        ds, out_root=tmp_path / "f", pretrained=False, engine="onnxruntime", workers=0, progress=False
+    )
+    fs = load_feature_set(out)
+    assert len(fs) == 3 and fs.keys == ["00000000", "00000002", "00000003"]
+    assert fs.info["weights_hash"] == "random"
+    assert [s["key"] for s in fs.info["skipped"]] == ["00000001"]
+    assert fs.info["skipped_counts"] == {"not an image": 1}
+
+
+def test_bad_dataset_and_engine_give_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(E.ExtractError, match="not a prepared dataset"):
+        E.extract(tmp_path, out_root=tmp_path / "f", progress=False)
+    ds = _tiny_dataset(tmp_path / "ds")
+    with pytest.raises(E.ExtractError, match="unknown engine"):
+        E.extract(ds, out_root=tmp_path / "f", engine="tensorrt", pretrained=False, progress=False)
+    (ds / "shard-000000.tar").unlink()
+    with pytest.raises(E.ExtractError, match="missing"):
+        E.extract(ds, out_root=tmp_path / "f", pretrained=False, progress=False)
+
+
+def test_embed_paths_skips_or_raises_on_bad_input(tmp_path: Path, shared_data: Path) -> None:
+    from uniembed.data.images import BadImageError
+
+    good = next((shared_data / "coil100").rglob("*.png"))
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    items = [str(good), str(text), str(tmp_path / "missing.png"), Image.open(good)]
+    res = E.embed_paths(items, "mobilenetv2", engine="onnxruntime")
+    assert res.indices.tolist() == [0, 3]
+    assert res.skipped == [(1, "not an image"), (2, "missing file")]
+    assert _cos_rows(res.features[:1], res.features[1:]).min() >= 0.9999  # path and PIL give the same
+    with pytest.raises(BadImageError, match="notes.jpg"):
+        E.embed_paths(items, "mobilenetv2", engine="onnxruntime", on_bad="raise")
+
+
+def test_draft_decoding_of_large_jpegs_keeps_features(shared_data: Path) -> None:
+    from uniembed.models import create_backbone
+
+    photo = next((shared_data / "grocery_store" / "test").rglob("*.jpg"))
+    big = io.BytesIO()
+    Image.open(photo).convert("RGB").resize((1200, 900), Image.Resampling.BICUBIC).save(big, format="JPEG")
+    bb = create_backbone("mobilenetv2")
+    pre = bb.preprocessor()
+    assert E._draft_decode(big.getvalue(), 224).size == (300, 225)  # decoded at 1/4 scale
+    fast = E.decode_resized(big.getvalue(), pre, draft=True)
+    exact = E.decode_resized(big.getvalue(), pre, draft=False)
+    assert fast.shape == exact.shape == (3, 224, 224) and fast.dtype == torch.float16
+    with torch.no_grad():
+        f = bb.module(pre.normalize(torch.stack([fast, exact]))).numpy()
+    assert _cos_rows(f[:1], f[1:])[0] >= 0.99
+
+
+def test_cli_extract(prepared: Path, extracted: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from uniembed.cli import app
+
+    r = CliRunner().invoke(app, ["extract", str(prepared), "--out", str(extracted.parent), "-q"])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[0] == str(extracted)
+    n = len(load_feature_set(extracted))
+    assert f"count={n} dim=1280 backbone=mobilenetv2" in r.output and "cached" in r.output
+    r = CliRunner().invoke(app, ["extract", str(tmp_path), "--out", str(tmp_path / "f")])
+    assert r.exit_code == 1 and "not a prepared dataset" in r.output
+    r = CliRunner().invoke(
+        app, ["extract", str(prepared), "--backbone", "nope", "--out", str(tmp_path / "f")]
+    )
+    assert r.exit_code == 1 and "unknown backbone" in r.output
