@@ -170,14 +170,15 @@ class _TinyBackbone(nn.Module):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from uniembed.export.model import GuieModel
+    from uniembed.export.model import GuieModel, quiet_jit
     from uniembed.models.preprocess import ImagePreprocessor, PreprocessConfig
 
     torch.manual_seed(0)
     head = build_head({"in_dim": 15, "out_dim": 8, "center": False, "l2_input": False})
     m = GuieModel(ImagePreprocessor(PreprocessConfig(input_size=16)), _TinyBackbone(), head.eval()).eval()
     path = tmp_path_factory.mktemp("tiny") / "saved_model.pt"
-    torch.jit.save(torch.jit.script(m), str(path))
+    with quiet_jit():
+        torch.jit.save(torch.jit.script(m), str(path))
     return path
 
 
