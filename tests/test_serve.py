@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from uniembed.cli import app as cli_app
 from uniembed.serve.app import create_app, sniff_image_type
-from uniembed.serve.embedder import Embedder
+from uniembed.export.embedder import file_fingerprint, load_embedder
 from uniembed.serve.index import ModelMismatchError, build_index
 from uniembed.serve.tiny_model import make_synthetic_images, make_tiny_model
 
@@ -90,7 +90,7 @@ def asgi_get(app: object, raw_path: str) -> tuple[int, bytes]:
 def test_health_and_page(client: TestClient, env: dict[str, Path]) -> None:
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["count"] == 12 and h["dim"] == 64
-    assert h["model_fingerprint"] == Embedder(env["model"]).fingerprint
+    assert h["model_fingerprint"] == file_fingerprint(env["model"])
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert 'id="results"' in page.text and "/static/app.js" in page.text
@@ -130,7 +130,7 @@ def test_embed_matches_the_model(client: TestClient, env: dict[str, Path]) -> No
     assert emb.shape == (64,) and abs(float(np.linalg.norm(emb)) - 1) < 1e-4
     from uniembed.data.images import load_image
 
-    np.testing.assert_allclose(emb, Embedder(env["model"]).embed_images([load_image(q)])[0], atol=1e-5)
+    np.testing.assert_allclose(emb, load_embedder(env["model"]).embed_images([load_image(q)])[0], atol=1e-5)
 
 
 BAD_UPLOADS = [  # files, form data, headers, raw body, expected status, expected words in "detail"
@@ -282,7 +282,7 @@ def test_refuses_a_different_model(env: dict[str, Path]) -> None:
 
 def test_model_defaults_to_the_one_in_the_index(env: dict[str, Path]) -> None:
     c = TestClient(create_app(env["index"]))
-    assert c.get("/health").json()["model_fingerprint"] == Embedder(env["model"]).fingerprint
+    assert c.get("/health").json()["model_fingerprint"] == file_fingerprint(env["model"])
 
 
 def test_sniffing() -> None:

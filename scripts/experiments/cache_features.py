@@ -144,6 +144,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--limit", type=int, default=0, help="first N images only (smoke test)")
+    ap.add_argument("--stride", type=int, default=1, help="keep every k-th image (subset for aug views)")
     ap.add_argument("--shared", default=None, help="shared data dir (default: paths.shared_data_dir())")
     ap.add_argument("--out", default="/tmp/research/feats")
     args = ap.parse_args()
@@ -156,6 +157,8 @@ def main() -> None:
     from uniembed.paths import shared_data_dir
 
     rows = read_rows(Path(args.shared) if args.shared else shared_data_dir())
+    if args.stride > 1:  # every k-th image: a cheap, domain-spread subset (augmented views are costly)
+        rows = rows[:: args.stride]
     if args.limit:
         rows = rows[: args.limit]
     tap, pre = build(args.backbone)
@@ -192,6 +195,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"{args.backbone}-{args.size}" + (f"-aug{args.aug}" if args.aug else "")
+    name += f"-stride{args.stride}" if args.stride > 1 else ""
     name += "-smoke" if args.limit else ""
     np.savez(
         out / f"{name}.npz",

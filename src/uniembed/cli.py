@@ -12,7 +12,7 @@ import typer
 
 app = typer.Typer(
     name="uniembed",
-    help="Universal image embeddings: prepare -> extract -> train -> evaluate -> export -> index/search/serve.",
+    help="Universal image embeddings: prepare, extract, train, evaluate, export, index/search/serve.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,

@@ -19,7 +19,7 @@ def repo_root() -> Path:
 
 
 def shared_data_dir() -> Path | None:
-    """``../shared/data`` beside the checkout (CI lays it there), or ``$UNIEMBED_SHARED_DATA``; None if absent."""
+    """``$UNIEMBED_SHARED_DATA``, or ``../shared/data`` beside the checkout (CI lays it there); else None."""
     candidates = []
     if os.environ.get(SHARED_DATA_ENV):
         candidates.append(Path(os.environ[SHARED_DATA_ENV]))

@@ -267,7 +267,7 @@ def extract_profile(cfg: BenchConfig, progress: ProgressFile) -> dict:
     paths = [r["path"] for r in rows]
     n = len(paths)
     stages: dict[str, dict] = {}
-    steps = 14
+    steps = 15
     step = 0
 
     def record(group: str, name: str, seconds: float, note: str = "") -> None:
@@ -312,6 +312,18 @@ def extract_profile(cfg: BenchConfig, progress: ProgressFile) -> dict:
     t0 = time.perf_counter()
     _ = np.concatenate(outs).astype(np.float16)
     record("extract_main", "features -> float16 array", time.perf_counter() - t0)
+    # Batch size matters on small CPUs: activations of big batches spill out of the caches.
+    allx = np.concatenate(arrs)
+    by_batch: dict[str, float] = {}
+    for bs in (8, 16, 32, 64):
+        if bs > len(allx):
+            break
+        x = allx[:bs]
+        runner(x)
+        best = min(_seconds(lambda x=x: runner(x)) for _ in range(3))
+        by_batch[str(bs)] = bs / best
+    step += 1
+    progress.update(step, steps, "model images/s by batch size", force=True)
     # --- the baseline's stages
     tf = baseline_transform()
     model = baseline_model(cfg)
@@ -348,9 +360,16 @@ def extract_profile(cfg: BenchConfig, progress: ProgressFile) -> dict:
         "prepare_ms_per_image_one_core": prep_ms,
         "bound": "model (main process)" if main_ms >= worker_ms else "decode+resize (DataLoader worker)",
         "ideal_extract_images_per_s": 1000 / max(main_ms, worker_ms),
+        f"model_{runner.engine}_images_per_s_by_batch": by_batch,
         "note": "stage times are measured alone; in the real pipeline worker and model share the cores",
     }
     return {"figure": None, "unit": "ms/image", "details": {"stages": stages, "summary": summary}}
+
+
+def _seconds(fn: Callable) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def _model_flops(module, size: int) -> float | None:

@@ -382,6 +382,12 @@ def print_report(cfg: BenchConfig, results: dict[str, dict], wall_s: float, cons
                 else "FLOPs n/a"
             )
         )
+        sweep = next((v for k, v in s.items() if k.endswith("_images_per_s_by_batch")), {})
+        if sweep:
+            console.print(
+                "model alone, images/s by batch size: "
+                + ", ".join(f"{b}: {ips:.0f}" for b, ips in sweep.items())
+            )
     elif prof:
         failures += 1
     console.print(f"bench wall time: {wall_s:.1f} s; results in {cfg.out}/")

@@ -23,8 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from uniembed.serve.embedder import Embedder, ModelError
-from uniembed.serve.index import ImageIndex
+from uniembed.export.embedder import Embedder
+from uniembed.serve.index import ImageIndex, open_index_and_model
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -144,6 +144,7 @@ def create_app(
     max_k: int = 100,
     embedder: Embedder | None = None,
     warmup: bool = True,
+    engine: str = "auto",
 ) -> FastAPI:
     """Load the index and the model, check they belong together, and return the ASGI app.
 
@@ -152,14 +153,11 @@ def create_app(
     """
     from uniembed.data.images import BadImageError, load_image
 
-    index = ImageIndex.load(index_dir)
     if embedder is None:
-        if model_path is None:
-            model_path = index.info["model"]["path"]
-        embedder = Embedder(model_path)
-    index.check_model(embedder.fingerprint)
-    if embedder.dim != index.dim:
-        raise ModelError(f"model gives {embedder.dim}-d vectors but the index holds {index.dim}-d")
+        index, embedder = open_index_and_model(index_dir, model_path, engine=engine)
+    else:
+        index = ImageIndex.load(index_dir)
+        index.check_embedder(embedder)
     if warmup:
         embedder.warmup()
     max_bytes = int(max_upload_mb * 1024 * 1024)
@@ -252,6 +250,7 @@ def create_app(
             "count": len(index),
             "dim": index.dim,
             "model_fingerprint": embedder.fingerprint,
+            "engine": embedder.engine,
             "index_type": index.info["index"]["type"],
             "default_k": default_k,
             "max_k": max_k,

@@ -17,6 +17,24 @@ INDEX_TYPE_HELP = (
 )
 
 
+EngineOption = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="How to run the model: 'auto' (the export's model.onnx in onnxruntime when export.json ties it "
+        "to this saved_model.pt and it agrees on probe images, else TorchScript), 'torch' (always the "
+        "TorchScript file), 'onnxruntime' (error if there is no verified model.onnx).",
+    ),
+]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="Intra-op CPU threads for the model (default: the cores not already busy, by load average).",
+    ),
+]
+
 _MODEL_HINT = " (this is the model recorded in the index; pass --model to use another copy of it)"
 
 
@@ -72,7 +90,8 @@ def index_command(
             "--batch-size",
             "-b",
             min=1,
-            help="Images per model forward (images of one size are batched together).",
+            help="Images per model forward (images are resized by the model's own preprocessing first, so "
+            "sizes mix; for models without it, images of one size are batched together).",
         ),
     ] = 32,
     limit: Annotated[
@@ -130,12 +149,14 @@ def index_command(
             help="Longest side of the stored thumbnails served by `uniembed serve`.",
         ),
     ] = 160,
+    engine: EngineOption = "auto",
+    threads: ThreadsOption = None,
 ) -> None:
     """Embed images with a saved_model.pt and build (or --add to) a FAISS index for search and serve."""
     from rich.console import Console
     from rich.table import Table
 
-    from uniembed.serve.embedder import ModelError
+    from uniembed.export.embedder import ModelError
     from uniembed.serve.index import INDEX_TYPES, ImageIndexError, build_index
 
     if index_type not in INDEX_TYPES:
@@ -165,6 +186,8 @@ def index_command(
             limit=limit,
             domain=domain,
             thumb_size=thumb_size,
+            engine=engine,
+            threads=threads,
         )
     except (ImageIndexError, ModelError) as e:
         raise _fail(str(e)) from None
@@ -175,6 +198,7 @@ def index_command(
     t.add_row("skipped", f"{len(res.skipped)} " + (str(res.skipped_counts) if res.skipped else ""))
     t.add_row("index", f"{res.index_type} {res.params or ''}")
     t.add_row("model fingerprint", res.fingerprint)
+    t.add_row("engine", f"{res.embedder.get('engine')}, {res.embedder.get('threads')} thread(s)")
     t.add_row("time", f"{res.seconds:.1f} s ({res.added / max(res.seconds, 1e-9):.0f} images/s)")
     console.print(t)
     for s in res.skipped[:10]:
@@ -205,19 +229,19 @@ def search_command(
     grid: Annotated[
         Path | None, typer.Option("--grid", help="Also draw each query beside its results into this PNG.")
     ] = None,
+    engine: EngineOption = "auto",
+    threads: ThreadsOption = None,
 ) -> None:
     """Find the indexed images nearest to each query image (top-k with distances, labels and paths)."""
     from rich.console import Console
     from rich.table import Table
 
     from uniembed.data.images import BadImageError, load_image
-    from uniembed.serve.embedder import Embedder, ModelError
-    from uniembed.serve.index import ImageIndex, ImageIndexError
+    from uniembed.export.embedder import ModelError, free_cores
+    from uniembed.serve.index import ImageIndexError, open_index_and_model
 
     try:
-        ix = ImageIndex.load(index)
-        embedder = Embedder(model if model is not None else ix.info["model"]["path"])
-        ix.check_model(embedder.fingerprint)
+        ix, embedder = open_index_and_model(index, model, engine=engine, threads=threads or free_cores())
     except (ImageIndexError, ModelError) as e:
         raise _fail(str(e) + _MODEL_HINT * (model is None and isinstance(e, ModelError))) from None
 
@@ -290,18 +314,25 @@ def serve_command(
     log_level: Annotated[
         str, typer.Option("--log-level", help="uvicorn log level (debug, info, warning, error).")
     ] = "info",
+    engine: EngineOption = "auto",
+    threads: ThreadsOption = None,
 ) -> None:
     """Serve image search over HTTP: page at /, POST /search, POST /embed, GET /health, GET /thumb/{id}."""
     import faiss
     import uvicorn
 
+    from uniembed.export.embedder import ModelError, free_cores
     from uniembed.serve.app import create_app
-    from uniembed.serve.embedder import ModelError
-    from uniembed.serve.index import ImageIndexError
+    from uniembed.serve.index import ImageIndexError, open_index_and_model
 
     try:
+        ix, embedder = open_index_and_model(index, model, engine=engine, threads=threads or free_cores())
         app = create_app(
-            index, model, max_upload_mb=max_upload_mb, default_k=default_k, max_k=max(max_k, default_k)
+            index,
+            max_upload_mb=max_upload_mb,
+            default_k=default_k,
+            max_k=max(max_k, default_k),
+            embedder=embedder,
         )
     except (ImageIndexError, ModelError) as e:
         hint = _MODEL_HINT * (model is None and isinstance(e, ModelError))
@@ -309,7 +340,7 @@ def serve_command(
     # One query per request: FAISS's OpenMP threads only add overhead and contend between requests.
     faiss.omp_set_num_threads(1)
     typer.echo(
-        f"serving {len(app.state.index)} images (model {app.state.embedder.fingerprint}) "
+        f"serving {len(app.state.index)} images (model {embedder.fingerprint}, {embedder.engine}) "
         f"on http://{host}:{port}/"
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level)

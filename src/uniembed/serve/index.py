@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 import tarfile
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,7 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from uniembed.serve.embedder import Embedder, model_fingerprint, pil_to_array, resolve_model_path
+from uniembed.export.embedder import (
+    Embedder,
+    file_fingerprint,
+    load_embedder,
+    resolve_model_path,
+    torch_threads,
+)
+from uniembed.fsutil import building_dir
 
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.csv"
@@ -306,6 +312,12 @@ class ImageIndex:
                 "use that model or rebuild the index"
             )
 
+    def check_embedder(self, embedder: Embedder) -> None:
+        """Refuse a loaded model that is not the index's (fingerprint) or gives vectors of another width."""
+        self.check_model(embedder.fingerprint)
+        if embedder.dim != self.dim:
+            raise ModelMismatchError(f"model gives {embedder.dim}-d vectors but the index holds {self.dim}-d")
+
     def search_batch(self, vectors: np.ndarray, k: int = 5) -> list[list[Hit]]:
         """Top-k for many query vectors in one FAISS call (nearest first)."""
         q = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
@@ -354,6 +366,7 @@ class BuildResult:
     fingerprint: str
     seconds: float
     skipped_counts: dict[str, int] = field(default_factory=dict)
+    embedder: dict[str, Any] = field(default_factory=dict)  # engine, batching, threads (as in index.json)
 
 
 def _thumbnail_jpeg(im: Any, size: int) -> bytes:
@@ -364,8 +377,10 @@ def _thumbnail_jpeg(im: Any, size: int) -> bytes:
     return buf.getvalue()
 
 
-def _decode(rec: ImageRecord, thumb_size: int) -> tuple[np.ndarray, bytes] | dict[str, str]:
-    """(uint8 [3,H,W], thumbnail JPEG), or a skip entry {path, reason, detail} (reason is countable)."""
+def _decode(rec: ImageRecord, thumb_size: int, prepare: Any) -> tuple[Any, bytes] | dict[str, str]:
+    """(model-ready image from ``prepare``, thumbnail JPEG), or a skip entry {path, reason, detail}.
+
+    Runs in worker threads: decoding, the thumbnail and the model's own resize all release the GIL."""
     from uniembed.data.images import BadImageError, load_image
 
     if rec.file is None and rec.data is None:
@@ -374,24 +389,7 @@ def _decode(rec: ImageRecord, thumb_size: int) -> tuple[np.ndarray, bytes] | dic
         im = load_image(rec.data if rec.data is not None else rec.file)
     except BadImageError as e:
         return {"path": rec.path, "reason": e.reason, "detail": e.detail}
-    return pil_to_array(im), _thumbnail_jpeg(im, thumb_size)
-
-
-def _make_tmp_dir(out_dir: Path) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``tmp`` with renames, so a reader never sees a half-written index."""
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        old.rmdir()
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+    return prepare(im), _thumbnail_jpeg(im, thumb_size)
 
 
 def _link_or_copy_tree(src: Path, dst: Path) -> None:
@@ -419,12 +417,15 @@ def build_index(
     thumb_size: int = 160,
     workers: int | None = None,
     progress: bool = True,
+    engine: str = "auto",
+    threads: int | None = None,
 ) -> BuildResult:
     """Embed ``images`` with the model and write (or with ``add`` extend) a FAISS index at ``out_dir``.
 
     Unreadable images are skipped and recorded with their reason. With ``add`` the existing vectors are kept
     as they are (no re-embedding); the model must be the same file (fingerprint) the index was built with,
-    and paths already in the index are skipped as duplicates.
+    and paths already in the index are skipped as duplicates. ``engine``/``threads``: see
+    ``uniembed.export.embedder.load_embedder`` (``threads`` None: the cores not already busy).
     """
     import faiss
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -436,7 +437,7 @@ def build_index(
     if index_type not in INDEX_TYPES:
         raise ImageIndexError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     model_file = resolve_model_path(model_path)
-    fingerprint = model_fingerprint(model_file)
+    fingerprint = file_fingerprint(model_file)
 
     old: ImageIndex | None = None
     if add:
@@ -452,7 +453,6 @@ def build_index(
     elif out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / INFO_FILE).is_file():
         raise ImageIndexError(f"{out_dir} exists and is not an index directory; refusing to overwrite it")
 
-    embedder = Embedder(model_file)
     records, total = open_sources(images, domain=domain)
     if limit is not None:
         total = min(total, limit)
@@ -460,8 +460,8 @@ def build_index(
     seen_now: set[str] = set()
     start_id = len(old) if old else 0
 
-    tmp = _make_tmp_dir(out_dir)
-    try:
+    with torch_threads(threads) as n_threads, building_dir(out_dir) as tmp:
+        embedder = load_embedder(model_file, batch_size=batch_size, engine=engine, threads=n_threads)
         thumbs = tmp / THUMBS_DIR
         if old is not None:
             _link_or_copy_tree(old.root / THUMBS_DIR, thumbs)
@@ -473,12 +473,12 @@ def build_index(
         n_workers = workers or min(8, (os.cpu_count() or 2) * 2)
 
         def flush(chunk: list[ImageRecord], pool: ThreadPoolExecutor) -> None:
-            decoded = list(pool.map(lambda r: _decode(r, thumb_size), chunk))
+            decoded = list(pool.map(lambda r: _decode(r, thumb_size, embedder.prepare), chunk))
             ok = [(r, d) for r, d in zip(chunk, decoded, strict=True) if isinstance(d, tuple)]
             skipped.extend(d for d in decoded if isinstance(d, dict))
             if not ok:
                 return
-            emb = embedder.embed_tensors([d[0] for _, d in ok], batch_size=batch_size)
+            emb = embedder.embed_prepared([d[0] for _, d in ok], batch_size=batch_size)
             finite = np.isfinite(emb).all(axis=1)
             for (r, d), vec, good in zip(ok, emb, finite, strict=True):
                 if not good:
@@ -558,6 +558,7 @@ def build_index(
         info = {
             "version": 1,
             "model": {"fingerprint": fingerprint, "path": str(model_file.resolve())},
+            "embedder": {**embedder.describe(), "threads": n_threads},
             "index": {
                 "type": kind,
                 "params": kind_params,
@@ -574,10 +575,6 @@ def build_index(
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
-        _swap_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return BuildResult(
         out_dir=out_dir,
         count=len(items),
@@ -588,7 +585,27 @@ def build_index(
         fingerprint=fingerprint,
         seconds=time.perf_counter() - t0,
         skipped_counts=counts,
+        embedder=info["embedder"],
     )
+
+
+def open_index_and_model(
+    index_dir: str | Path,
+    model_path: str | Path | None = None,
+    engine: str = "auto",
+    batch_size: int = 32,
+    threads: int | None = None,
+) -> tuple[ImageIndex, Embedder]:
+    """Load an index and the model to embed queries with (default: the one recorded in the index).
+
+    The model file's fingerprint is checked against the index *before* the model is loaded, so a wrong
+    model fails fast with ``ModelMismatchError``; a missing or broken one raises ``ModelError``."""
+    ix = ImageIndex.load(index_dir)
+    model_file = resolve_model_path(model_path if model_path is not None else ix.info["model"]["path"])
+    ix.check_model(file_fingerprint(model_file))
+    embedder = load_embedder(model_file, batch_size=batch_size, engine=engine, threads=threads)
+    ix.check_embedder(embedder)
+    return ix, embedder
 
 
 def search_paths(
@@ -597,6 +614,7 @@ def search_paths(
     k: int = 5,
     model_path: str | Path | None = None,
     batch_size: int = 32,
+    engine: str = "auto",
 ) -> list[list[dict[str, Any]]]:
     """Top-k for query image files, one list of result dicts (id, path, label, domain, distance) per query.
 
@@ -605,14 +623,13 @@ def search_paths(
     """
     from uniembed.data.images import BadImageError, load_image
 
-    ix = ImageIndex.load(index_dir)
-    embedder = Embedder(model_path if model_path is not None else ix.info["model"]["path"])
-    ix.check_model(embedder.fingerprint)
     images = []
     for q in queries:
         try:
             images.append(load_image(q))
         except BadImageError as e:
             raise BadImageError(e.reason, f"query {q}: {e.detail}") from e
-    vecs = embedder.embed_images(images, batch_size=batch_size)
+    with torch_threads(None) as n:
+        ix, embedder = open_index_and_model(index_dir, model_path, engine, batch_size, threads=n)
+        vecs = embedder.embed_images(images)
     return [[h.to_dict() for h in hits] for hits in ix.search_batch(vecs, k)]

@@ -1,0 +1,97 @@
+"""Small file-system helpers shared by the stages: content hashes and crash-safe writes.
+
+Every stage writes outputs that another stage (or a running service) may read at any moment, so a file or a
+whole output folder must appear complete or not at all: write under a temporary name in the same folder
+(same file system, so the final ``os.replace`` is an atomic rename), then rename into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (model files are tens of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed.
+
+    For writers that want a file name (``torch.save``, ``np.save``, ``fig.savefig``, ``faiss.write_index``).
+    The temporary name keeps the suffix, since some writers pick the format from it (``.png``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of it."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
+    """Text version of :func:`atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def make_tmp_dir(out_dir: str | Path) -> Path:
+    """A fresh, uniquely named hidden folder beside ``out_dir`` to build a replacement for it in."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+
+def swap_dir_into_place(
+    tmp: str | Path, out_dir: str | Path, check: Callable[[Path], None] | None = None
+) -> None:
+    """Replace ``out_dir`` by the finished folder ``tmp`` with two renames; the old copy is deleted after.
+
+    ``check(out_dir)`` runs first when ``out_dir`` exists and may raise to refuse replacing it (e.g. a folder
+    that is not one of ours). A reader sees the old folder or the new one; between the two renames it sees
+    none (there is no atomic swap of non-empty directories on POSIX)."""
+    tmp, out_dir = Path(tmp), Path(out_dir)
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    if check is not None:
+        check(out_dir)
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    old.rmdir()  # only the unique name is wanted: os.replace onto an empty dir is not portable
+    os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def building_dir(out_dir: str | Path, check: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Build a replacement for ``out_dir`` in a temp folder beside it; swap it in on success, delete it on
+    error (also on Ctrl-C), so a failed run leaves the previous output untouched."""
+    tmp = make_tmp_dir(out_dir)
+    try:
+        yield tmp
+        swap_dir_into_place(tmp, out_dir, check=check)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
