@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
+from run_dirs import write_head_run
 from uniembed.eval.evaluate import EvalError, evaluate
 from uniembed.eval.metrics import retrieval_metrics
 from uniembed.features.store import write_feature_set
@@ -33,8 +34,6 @@ def _color(label_id: int) -> tuple[int, int, int]:
 def synth(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Feature dir (3 domains x 6 labels x 5 images, 32-d clusters), image files for half of the rows,
     and a run dir with a random head + config.yaml."""
-    from uniembed.train import TrainConfig
-
     root = tmp_path_factory.mktemp("evalsynth")
     rng = np.random.default_rng(0)
     names, rows, feats = [], [], []
@@ -71,23 +70,9 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> dict:
     head_cfg = {"in_dim": 32, "out_dim": 8}
     torch.manual_seed(0)
     head = build_head(head_cfg)
-    run = root / "run"
-    run.mkdir()
-    torch.save(
-        {
-            "head_config": head_cfg,
-            "state_dict": head.state_dict(),
-            "backbone": "synthetic",
-            "pooling": "avg",
-            "preprocess": None,
-            "fingerprint": "f00d",
-            "feature_dir": str(fdir),
-            "embedding_dim": 8,
-            "backbone_state": None,
-        },
-        run / "head.pt",
+    run = write_head_run(
+        root / "run", head, head_cfg, fdir, {"backbone": "synthetic", "fingerprint": "f00d", "pooling": "avg"}
     )
-    TrainConfig(features=[str(fdir)]).to_yaml(run / "config.yaml")
     stored = np.asarray(feats, np.float32).astype(np.float16).astype(np.float32)  # the cache is float16
     return {"root": root, "fdir": fdir, "run": run, "head": head.eval(), "feats": stored, "rows": rows}
 

@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import PILToTensor
 
+from run_dirs import write_head_run
+
 pytestmark = pytest.mark.shared_data
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,7 +50,6 @@ def exported(subset_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     from uniembed.export.guie import export_guie
     from uniembed.features.extract import extract
     from uniembed.models.heads import build_head
-    from uniembed.train import TrainConfig
 
     root = tmp_path_factory.mktemp("export")
     prepare([str(subset_csv)], root / "ds", workers=1, progress=False)
@@ -57,23 +58,7 @@ def exported(subset_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     cfg = {"in_dim": int(info["dim"]), "out_dim": 64}
     torch.manual_seed(0)
     head = build_head(cfg)
-    run = root / "run"
-    run.mkdir()
-    torch.save(
-        {
-            "head_config": cfg,
-            "state_dict": head.state_dict(),
-            "backbone": info["backbone"],
-            "pooling": info["pooling"],
-            "preprocess": info["preprocess"],
-            "fingerprint": info["fingerprint"],
-            "feature_dir": str(fdir),
-            "embedding_dim": 64,
-            "backbone_state": None,
-        },
-        run / "head.pt",
-    )
-    TrainConfig(features=[str(fdir)]).to_yaml(run / "config.yaml")
+    run = write_head_run(root / "run", head, cfg, fdir, info)
     out = root / "model"
     rec = export_guie(run, out, onnx=True, parity_images=4, progress=False)
     with open(subset_csv, newline="") as f:
@@ -197,6 +182,10 @@ def test_load_embedder(exported: dict, run_model) -> None:
     with torch.no_grad():
         ref = model(PILToTensor()(imgs[2]).unsqueeze(0)).numpy()[0]
     np.testing.assert_allclose(e[2], ref, atol=1e-5)
+    # indexing/serving take the verified model.onnx twin: same vectors
+    auto = load_embedder(exported["out"], engine="auto")
+    assert auto.engine == "onnxruntime" and auto.fingerprint == emb.fingerprint
+    np.testing.assert_allclose(auto(imgs), e[:4], atol=1e-4)
     # grayscale PIL and [1,H,W] tensors are accepted (replicated to RGB)
     g = load_embedder(exported["out"] / "saved_model.pt")([imgs[0].convert("L")])
     assert g.shape == (1, 64)

@@ -1,5 +1,5 @@
 """Export building blocks on a tiny model (no weights, no photos): scripting with a traced fallback, the
-fixed-size ONNX fallback, the embedder's same-size batching, input conversion, query spreading."""
+fixed-size ONNX fallback, input conversion, query spreading (the embedder itself: test_export_embedder.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from PIL import Image
 from torch import nn
 
 from uniembed.eval.report import spread_rows
-from uniembed.export.embedder import Embedder, to_uint8_chw
+from uniembed.export.embedder import to_uint8_chw
 from uniembed.export.model import GuieModel, script_model
 from uniembed.models.heads import build_head
 from uniembed.models.preprocess import ImagePreprocessor, PreprocessConfig
@@ -74,28 +74,6 @@ def test_onnx_fixed_size_fallback(tmp_path, monkeypatch: pytest.MonkeyPatch) -> 
     sess = onnx_session(tmp_path / "fixed.onnx")
     x = torch.randint(0, 256, (3, 3, 24, 24), dtype=torch.uint8)
     np.testing.assert_allclose(run_onnx(sess, x), m(x).detach().numpy(), atol=1e-5)
-
-
-def test_embedder_batches_by_size_and_keeps_order() -> None:
-    m = _tiny()
-    calls: list[tuple[int, ...]] = []
-
-    class Spy(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            calls.append(tuple(x.shape))
-            return m(x)
-
-    emb = Embedder(Spy(), source=None, fingerprint="x", batch_size=3)  # type: ignore[arg-type]
-    rng = np.random.default_rng(0)
-    sizes = [(20, 30), (40, 10), (20, 30), (40, 10), (20, 30), (20, 30), (33, 33)]
-    imgs = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in sizes]
-    out = emb.embed_iter(iter(imgs))
-    assert out.shape == (7, 4)
-    for i, im in enumerate(imgs):
-        np.testing.assert_allclose(out[i], m(im.unsqueeze(0)).detach().numpy()[0], atol=1e-5)
-    assert max(c[0] for c in calls) == 3 and all(c[2:] in {(20, 30), (40, 10), (33, 33)} for c in calls)
-    assert sum(c[0] for c in calls) == 7
-    assert emb([]).shape[0] == 0
 
 
 def test_to_uint8_chw() -> None:

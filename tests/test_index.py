@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from uniembed.cli import app
-from uniembed.serve import index as index_mod
 from uniembed.export.embedder import ModelError, file_fingerprint, load_embedder
+from uniembed.serve import index as index_mod
 from uniembed.serve.index import (
     ImageIndex,
     ImageIndexError,

@@ -16,8 +16,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from uniembed.cli import app as cli_app
-from uniembed.serve.app import create_app, sniff_image_type
 from uniembed.export.embedder import file_fingerprint, load_embedder
+from uniembed.serve.app import create_app, sniff_image_type
 from uniembed.serve.index import ModelMismatchError, build_index
 from uniembed.serve.tiny_model import make_synthetic_images, make_tiny_model
 

@@ -105,6 +105,8 @@ def extract_baseline(cfg: BenchConfig, progress: ProgressFile) -> dict:
 
     rows = select_images(cfg)
     paths = [r["path"] for r in rows]
+    for p in paths:  # page cache warm for both sides (the project side does the same)
+        Path(p).read_bytes()
     t0 = time.perf_counter()
     model = baseline_model(cfg)
     tf = baseline_transform()
@@ -165,6 +167,8 @@ def extract_project(cfg: BenchConfig, progress: ProgressFile) -> dict:
     for r in rows:
         Path(r["path"]).read_bytes()
     del runner, bb
+    # make_runner keeps the last session per process; drop it so each timed call below builds its own
+    # session, as a fresh `uniembed extract` would.
     ext._RUNNERS.clear()
 
     shutil.rmtree(ds_dir, ignore_errors=True)
@@ -267,7 +271,7 @@ def extract_profile(cfg: BenchConfig, progress: ProgressFile) -> dict:
     paths = [r["path"] for r in rows]
     n = len(paths)
     stages: dict[str, dict] = {}
-    steps = 15
+    steps = 16 + (1 if cfg.threads > 1 else 0)
     step = 0
 
     def record(group: str, name: str, seconds: float, note: str = "") -> None:
@@ -298,10 +302,14 @@ def extract_profile(cfg: BenchConfig, progress: ProgressFile) -> dict:
         record("extract_worker", "squash-resize to 224 (antialiased interpolate) + float16", t)
     # --- main process: collate, copy, model
     B = 64
-    torch.set_num_threads(cfg.threads)
+    # As in the pipeline: the worker stacks its batch (1 thread), the main process converts it for ONNX
+    # Runtime (numpy, float16 -> contiguous float32).
     groups = [rsz[s : s + B] for s in range(0, n, B)]
-    arrs, t = _time_each(groups, lambda g: np.ascontiguousarray(torch.stack(g).numpy(), dtype=np.float32))
-    record("extract_main", "collate (stack) + float16->float32 copy", t)
+    stacked, t = _time_each(groups, torch.stack)
+    record("extract_worker", f"collate: torch.stack of {B} float16 images", t)
+    arrs, t = _time_each(stacked, lambda b: np.ascontiguousarray(b.numpy(), dtype=np.float32))
+    record("extract_main", "float16 -> float32 copy (numpy)", t)
+    torch.set_num_threads(cfg.threads)
     runner = ext.make_runner(bb, "auto", threads=cfg.threads)
     runner(arrs[0])  # warm-up: session arena and kernels for this batch shape
     t0 = time.perf_counter()
@@ -345,6 +353,20 @@ def extract_profile(cfg: BenchConfig, progress: ProgressFile) -> dict:
             f"model (torch eager, {cfg.threads} threads, batch {cfg.batch_size})",
             time.perf_counter() - t0,
         )
+        if cfg.threads > 1:
+            # Eager torch's OpenMP threads spin-wait for each other; when other processes hold a core this
+            # collapses (several times slower than 1 thread). Shown so the baseline's figure can be judged.
+            torch.set_num_threads(1)
+            model(bb_batches[0])
+            t0 = time.perf_counter()
+            for b in bb_batches:
+                model(b)
+            record(
+                "baseline",
+                f"model (torch eager, 1 thread, batch {cfg.batch_size}) (reference)",
+                time.perf_counter() - t0,
+            )
+            torch.set_num_threads(cfg.threads)
 
     flops = _model_flops(bb.module, pre.size)
     model_ms = next(v["ms_per_image"] for k, v in stages["extract_main"].items() if k.startswith("model"))

@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from uniembed.data.sources import DataError
+from uniembed.fsutil import building_dir, sha256_file
 from uniembed.paths import cache_dir, shared_data_dir
 
 GROCERY_COMMIT = "fc80ba90f803d79d0383df52c5a4ac5de99ff6fc"
@@ -142,14 +143,6 @@ def resolve_demo_data(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _stat_stamp(path: Path) -> list[int]:
     st = path.stat()
     return [st.st_size, st.st_mtime_ns]
@@ -170,7 +163,7 @@ def cached_grocery(folder: Path) -> Path | None:
     expected = sidecar.read_text().split()[0]
     if info.get("sha256") != expected:
         return None
-    if info.get("stamp") != _stat_stamp(archive) and _sha256_file(archive) != expected:
+    if info.get("stamp") != _stat_stamp(archive) and sha256_file(archive) != expected:
         # The archive changed on disk since extraction; do not trust the extracted copy either.
         return None
     return labels
@@ -248,7 +241,7 @@ def download_grocery(folder: Path, url: str = GROCERY_URL, timeout: float = 4.0,
         if not sidecar.is_file():
             sidecar.write_text(f"{digest}  archive.zip\n")
     else:
-        digest = _sha256_file(archive)
+        digest = sha256_file(archive)
         if sidecar.is_file() and sidecar.read_text().split()[0] != digest:
             raise DownloadError(
                 f"{archive} does not match its recorded checksum; delete {folder} to download again"
@@ -372,24 +365,19 @@ def build_smoke_set(out_dir: Path, views: int = 6, seed: int = 0, console=None) 
             pass
     if views < 2:
         raise ValueError("the smoke set needs at least 2 views per photo (a query needs a positive)")
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    rows = []
-    for func_name, label, domain in SMOKE_IMAGES:
-        im = _skimage_photo(func_name)
-        for v in range(views):
-            rng = random.Random(f"{seed}:{label}:{v}")
-            rel = f"images/{label}_{v}.jpg"
-            (tmp / rel).write_bytes(make_view(im, rng))
-            rows.append((rel, f"smoke:{label}", domain))
-    with open(tmp / "labels.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "domain"])
-        w.writerows(rows)
-    (tmp / ".complete").write_text(json.dumps({"views": views, "seed": seed, "images": len(rows)}))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out_dir)
+    with building_dir(out_dir) as tmp:
+        (tmp / "images").mkdir(parents=True)
+        rows = []
+        for func_name, label, domain in SMOKE_IMAGES:
+            im = _skimage_photo(func_name)
+            for v in range(views):
+                rng = random.Random(f"{seed}:{label}:{v}")
+                rel = f"images/{label}_{v}.jpg"
+                (tmp / rel).write_bytes(make_view(im, rng))
+                rows.append((rel, f"smoke:{label}", domain))
+        with open(tmp / "labels.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "label", "domain"])
+            w.writerows(rows)
+        (tmp / ".complete").write_text(json.dumps({"views": views, "seed": seed, "images": len(rows)}))
     return csv_path

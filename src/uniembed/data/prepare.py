@@ -24,7 +24,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
@@ -41,6 +40,7 @@ from uniembed.data.images import (
     resize_image,
 )
 from uniembed.data.sources import DataError, Record, Source, parse_sources
+from uniembed.fsutil import building_dir
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -255,12 +255,9 @@ def prepare(
             )
             return existing
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    if out_dir.exists():  # refuse before the work, not after it
+        _refuse_foreign_dir(out_dir)
+    with building_dir(out_dir, check=_refuse_foreign_dir) as tmp:
         manifest = _build(
             srcs, selected, skipped, src_stats, tmp, options, input_hash, workers, progress, console, rng
         )
@@ -269,27 +266,16 @@ def prepare(
         from uniembed.data.report import write_report
 
         write_report(manifest, tmp)
-        _swap_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print_summary(manifest, out_dir, console)
     return manifest
 
 
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by the finished ``tmp`` with renames (the old copy is removed only afterwards)."""
-    old = None
-    if out_dir.exists():
-        if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).exists():
-            raise DataError(
-                f"{out_dir} exists, is not empty and is not a prepared dataset; refusing to replace it"
-            )
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _refuse_foreign_dir(out_dir: Path) -> None:
+    """Only a prepared dataset (or an empty folder) may be replaced by ``prepare``."""
+    if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).exists()):
+        raise DataError(
+            f"{out_dir} exists, is not empty and is not a prepared dataset; refusing to replace it"
+        )
 
 
 def _build(

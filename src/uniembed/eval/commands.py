@@ -7,6 +7,16 @@ from pathlib import Path
 import typer
 
 
+def _csv_option(flag: str, default: str | None, help: str) -> typer.models.OptionInfo:
+    """A comma-separated list option (parsed by :func:`_split_csv`)."""
+    return typer.Option(default, flag, help=help)
+
+
+def _split_csv(value: str | None) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``; None or "" -> []."""
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
 def register(app: typer.Typer) -> None:
     """Add ``evaluate`` to the CLI."""
 
@@ -37,15 +47,13 @@ def register(app: typer.Typer) -> None:
             help="val: only the labels the run held out from training (recomputed from its config.yaml); "
             "all: every image; auto: val when the training run is known, else all.",
         ),
-        domains: str = typer.Option(
-            None,
-            "--domains",
-            help="Comma-separated domains to keep (e.g. produce,packaged_goods); default: all.",
+        domains: str = _csv_option(
+            "--domains", None, "Comma-separated domains to keep (e.g. produce,packaged_goods); default: all."
         ),
-        compare: str = typer.Option(
-            "",
+        compare: str = _csv_option(
             "--compare",
-            help="Comma-separated baselines scored on the same images: raw (L2-normalised backbone features) "
+            "",
+            "Comma-separated baselines scored on the same images: raw (L2-normalised backbone features) "
             "and/or pca<k> (e.g. pca64, fitted on the training labels). Needs features.",
         ),
         batch_size: int = typer.Option(
@@ -65,6 +73,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from uniembed.eval.evaluate import EvalError, evaluate
+        from uniembed.export.embedder import ModelError
 
         console = Console(stderr=True)
         try:
@@ -73,13 +82,13 @@ def register(app: typer.Typer) -> None:
                 data,
                 out,
                 split=split,
-                domains=[d.strip() for d in domains.split(",") if d.strip()] if domains else None,
-                compare=[c for c in compare.split(",") if c.strip()],
+                domains=_split_csv(domains) or None,
+                compare=_split_csv(compare),
                 batch_size=batch_size,
                 grid_queries=grid_queries,
                 progress=not quiet,
             )
-        except (EvalError, FileNotFoundError) as e:
+        except (EvalError, ModelError, FileNotFoundError) as e:
             console.print(f"[red]error:[/] {e}")
             raise typer.Exit(2) from None
         t = Table(

@@ -444,6 +444,9 @@ def evaluate(
             methods[primary] = emb.embed_iter(
                 stream, total=total, progress=progress, desc=f"embedding ({model_name})"
             )
+        n_bad = int((~np.isfinite(methods[primary]).all(axis=1)).sum())
+        if n_bad:  # scoring NaN rows would give meaningless ranks, silently
+            raise EvalError(f"{src}: the model produced non-finite embeddings for {n_bad} images")
         notes[primary] = (
             f"images embedded by {'saved_model.pt' if kind == 'saved_model' else 'the run model'} "
             f"(fingerprint {emb.fingerprint})"

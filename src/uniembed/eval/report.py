@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from uniembed.fsutil import atomic_path, atomic_write_text
 
 METRIC_KEYS = ("mP@5", "recall@1", "recall@5", "mAP@100")
 
@@ -42,15 +43,9 @@ def spread_rows(domains: np.ndarray, n: int, allowed: np.ndarray | None = None) 
     return sorted(set(picked))
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_metrics_json(out: Path, result: dict) -> Path:
     path = out / "metrics.json"
-    _atomic_text(path, json.dumps(result, indent=2, default=float))
+    atomic_write_text(path, json.dumps(result, indent=2, default=float))
     return path
 
 
@@ -118,7 +113,7 @@ def write_report_md(out: Path, result: dict) -> Path:
             "",
         ]
     path = out / "report.md"
-    _atomic_text(path, "\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path
 
 
@@ -129,6 +124,17 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save_figure(fig: Any, path: Path, dpi: int) -> Path:
+    """Write a figure atomically (a report reader never sees half a PNG) and free it."""
+    plt = _plt()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    return path
 
 
 def plot_per_domain(out: Path, result: dict, keys: tuple[str, ...] = ("mP@5", "recall@1")) -> Path:
@@ -168,12 +174,7 @@ def plot_per_domain(out: Path, result: dict, keys: tuple[str, ...] = ("mP@5", "r
         f"{result['source_name']} — split {result['split']}, {result['n_images']} images", fontsize=10
     )
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    path = out / "per_domain.png"
-    tmp = out / "per_domain.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save_figure(fig, out / "per_domain.png", dpi=110)
 
 
 def plot_grid(
@@ -217,12 +218,7 @@ def plot_grid(
                 s.set_linewidth(lw)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / rows))
-    path = out / "grid.png"
-    tmp = out / "grid.tmp.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save_figure(fig, out / "grid.png", dpi=90)
 
 
 def load_thumbnails(
@@ -232,16 +228,19 @@ def load_thumbnails(
     prepared dataset's shards by key. Returns (thumbs, number missing)."""
     from uniembed.data.images import BadImageError, load_image
 
+    def thumb(src: str | bytes) -> np.ndarray | None:
+        try:
+            im = load_image(src)
+        except BadImageError:
+            return None
+        im.thumbnail((size, size))
+        return np.asarray(im)
+
     thumbs: dict[int, Any] = {}
     for r in rows:
         p = paths[r] if r < len(paths) else ""
-        if p and Path(p).is_file():
-            try:
-                im = load_image(p)
-                im.thumbnail((size, size))
-                thumbs[r] = np.asarray(im)
-            except BadImageError:
-                pass
+        if p and Path(p).is_file() and (t := thumb(p)) is not None:
+            thumbs[r] = t
     need = {keys[r]: r for r in rows if r not in thumbs and r < len(keys) and keys[r]}
     if need and dataset_dir and (Path(dataset_dir) / "manifest.json").exists():
         from uniembed.data.shards import iter_samples
@@ -249,13 +248,8 @@ def load_thumbnails(
         try:
             for s in iter_samples(dataset_dir):
                 r = need.pop(s.key, None)
-                if r is not None:
-                    try:
-                        im = load_image(s.image_bytes)
-                        im.thumbnail((size, size))
-                        thumbs[r] = np.asarray(im)
-                    except BadImageError:
-                        pass
+                if r is not None and (t := thumb(s.image_bytes)) is not None:
+                    thumbs[r] = t
                 if not need:
                     break
         except Exception:  # a damaged dataset only costs thumbnails here, never the evaluation

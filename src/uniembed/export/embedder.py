@@ -402,24 +402,22 @@ def _onnx_twin(sm: Path, fingerprint: str, threads: int | None) -> tuple[_OnnxMo
     try:
         rec = json.loads(rec_path.read_text())
     except (OSError, json.JSONDecodeError):
+        rec = None
+    if not isinstance(rec, dict):
         return None, f"no readable {EXPORT_RECORD} to tie {ONNX_MODEL} to {sm.name}"
-    if (rec.get("saved_model") or {}).get("fingerprint", rec.get("fingerprint")) != fingerprint:
+    saved = rec.get("saved_model") if isinstance(rec.get("saved_model"), dict) else {}
+    if saved.get("fingerprint", rec.get("fingerprint")) != fingerprint:
         return None, f"{EXPORT_RECORD} belongs to another saved_model.pt (fingerprint differs)"
-    if not (rec.get("onnx") or {}).get("dynamic_hw"):
+    if not isinstance(rec.get("onnx"), dict) or not rec["onnx"].get("dynamic_hw"):
         return None, f"{ONNX_MODEL} is the fixed-size variant"
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
+
+        from uniembed.export.onnx_export import onnx_session
     except ImportError:
         return None, "onnxruntime is not installed"
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.inter_op_num_threads = 1
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    # Spinning worker threads help an idle machine a little and hurt a shared one a lot (measured 35%).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        sess = onnx_session(onnx_path, threads)
     except Exception as e:  # a damaged or foreign file: the TorchScript model still works
         return None, f"onnxruntime cannot load {onnx_path.name}: {type(e).__name__}: {str(e)[:120]}"
     return _OnnxModel(sess), ""
@@ -475,30 +473,37 @@ def load_embedder(
             f"{p} is neither saved_model.pt, a folder holding one, nor a training run dir (head.pt)"
         )
 
+    # The probes are a handful of images: single-threaded they take well under a second, while on a busy
+    # machine 2 spin-waiting threads were measured to take 10-14 s for the same work.
+    with torch_threads(1):
+        return _load_saved_model(sm, batch_size, threads, engine, optimize)
+
+
+def _load_saved_model(
+    sm: Path, batch_size: int, threads: int | None, engine: str, optimize: bool
+) -> Embedder:
+    """The fastest verified way to run ``saved_model.pt`` for ``engine`` (see the module docstring)."""
     fingerprint = file_fingerprint(sm)
     module = _load_script(sm)
     refs = _reference(module, sm)
-    resize = _model_resize(module)
     notes: list[str] = []
-    if resize is not None:
-        ok, diff = _agrees(module, resize, refs)
-        if not ok:
-            notes.append(
-                f"pre-resizing with model.preprocessor.resize changes outputs (max |diff| {diff:.1e})"
-            )
-            resize = None
-
     if engine in ("auto", "onnxruntime"):
         twin, why = _onnx_twin(sm, fingerprint, threads)
         if twin is not None:
             ok, diff = _agrees(twin, None, refs)
             if ok:
-                return Embedder(twin, sm, fingerprint, batch_size, engine="onnxruntime", notes=notes)
+                return Embedder(twin, sm, fingerprint, batch_size, engine="onnxruntime")
             why = f"{ONNX_MODEL} disagrees with {sm.name} on probe images (max |diff| {diff:.1e})"
         if engine == "onnxruntime":
             raise ModelError(f"cannot use onnxruntime for {sm}: {why}")
         notes.append(f"onnxruntime not used: {why}")
 
+    resize = _model_resize(module)
+    if resize is not None:
+        ok, diff = _agrees(module, resize, refs)
+        if not ok:
+            notes.append(f"pre-resizing with the model's own resize changes outputs (max |diff| {diff:.1e})")
+            resize = None
     model: Any = module
     if optimize:
         fast = _optimized_torch(module, notes)

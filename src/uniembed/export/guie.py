@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from uniembed.export.embedder import SAVED_MODEL, file_fingerprint
+from uniembed.fsutil import atomic_path, atomic_write_text
 
 
 def export_guie(
@@ -42,10 +42,9 @@ def export_guie(
 
     with console.status("TorchScript: scripting the GUIE model"):
         ts, how = script_model(rm.model, pre.input_size)
-        tmp = out / (SAVED_MODEL + ".tmp")
         with quiet_jit():
-            torch.jit.save(ts, str(tmp))
-            os.replace(tmp, out / SAVED_MODEL)
+            with atomic_path(out / SAVED_MODEL) as tmp:
+                torch.jit.save(ts, str(tmp))
             # Round trip: what was saved is what loads, and it honours the contract on an odd size.
             loaded = torch.jit.load(str(out / SAVED_MODEL))
         with torch.no_grad():
@@ -98,15 +97,16 @@ def export_guie(
     ds = finfo.get("dataset") or finfo.get("dataset_dir")
     if ds and (Path(ds) / "manifest.json").exists():
         manifest = json.loads((Path(ds) / "manifest.json").read_text())
+    fingerprint = file_fingerprint(out / SAVED_MODEL)
     record = {
         "version": 1,
         "run_dir": str(run.resolve()),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "fingerprint": file_fingerprint(out / SAVED_MODEL),
+        "fingerprint": fingerprint,
         "saved_model": {
             "path": SAVED_MODEL,
-            "fingerprint": file_fingerprint(out / SAVED_MODEL),
+            "fingerprint": fingerprint,
             "bytes": (out / SAVED_MODEL).stat().st_size,
             "backbone_compiled": how,
         },
@@ -127,9 +127,7 @@ def export_guie(
         "feature_dirs": [str(d) for d in fdirs],
         "parity": parity,
     }
-    tmp = out / "export.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, out / "export.json")
+    atomic_write_text(out / "export.json", json.dumps(record, indent=2))
     write_card(out, record, run, finfo, manifest)
     if parity is not None:
         require_parity(parity)
