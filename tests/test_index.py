@@ -80,6 +80,9 @@ def test_build_from_folder_skips_and_counts_bad_images(tiny: Path, folder: Path,
     info = json.loads((out / "index.json").read_text())
     assert info["model"]["fingerprint"] == file_fingerprint(tiny) == res.fingerprint
     assert info["count"] == 12 and info["dim"] == 64 and info["index"]["type"] == "flat"
+    # the tiny model has no model.onnx twin and no exposed preprocessor: TorchScript, batches by image size
+    assert info["embedder"]["engine"] == "torch" and info["embedder"]["batching"] == "by image size"
+    assert res.embedder == info["embedder"] and info["embedder"]["threads"] >= 1
     reasons = {Path(s["path"]).name: s["reason"] for s in info["skipped"]}
     assert reasons.pop("truncated.jpg") in {"truncated", "corrupt image"}
     assert reasons == {"empty.png": "empty file", "html.jpg": "not an image"}

@@ -161,9 +161,11 @@ class Head(nn.Module):
 class ArcFace(nn.Module):
     """Additive angular margin softmax (Deng et al. 2019): logits s*cos(theta + m) for the true class."""
 
-    def __init__(self, dim: int, n_classes: int, s: float, m: float):
+    def __init__(self, dim: int, n_classes: int, s: float, m: float, init_std: float = 0.01):
         super().__init__()
-        self.w = nn.Parameter(torch.randn(n_classes, dim) * 0.01)
+        # Centre init scale matters with Adam: steps are ~lr whatever the norm, so small centres turn fast
+        # towards their classes while large ones (PML's N(0,1)) stay put and drag the embeddings instead.
+        self.w = nn.Parameter(torch.randn(n_classes, dim) * init_std)
         self.s, self.m = s, m
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -231,8 +233,16 @@ def train_head(
             head.proj.weight.copy_(torch.from_numpy(comp))
             head.proj.bias.copy_(torch.from_numpy(-(comp @ xn.mean(0))))
     uniq, y = np.unique(labels, return_inverse=True)
-    arc = ArcFace(a.dim, len(uniq), a.arc_s, a.arc_m)
+    arc = ArcFace(a.dim, len(uniq), a.arc_s, a.arc_m, a.arc_init_std)
     # Same optimiser layout as the project trainer: head at (lr, wd), class centres at lr*mult without decay.
+    lib_loss = None
+    if a.lib_loss:  # the project's loss module (PML ArcFace + SimilarityDistillLoss), to compare trainers
+        from uniembed.models.losses import build_loss
+
+        lib_loss = build_loss(
+            {"type": "arcface", "scale": a.arc_s, "margin": a.arc_m, "margin_weight": a.arc_w,
+             "distill_weight": a.kd_w}, len(uniq), a.dim)
+        arc = lib_loss
     params = [
         {"params": head.parameters(), "lr": a.lr, "weight_decay": a.wd},
         {"params": arc.parameters(), "lr": a.lr * a.arc_lr_mult, "weight_decay": 0.0},
@@ -263,6 +273,13 @@ def train_head(
             xb = torch.where(use[:, None], v, xb)
         z = head(xb)
         loss = torch.zeros(())
+        if lib_loss is not None:
+            loss = lib_loss(z, yt[idx], xb)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            continue
         if a.arc_w:
             loss = loss + a.arc_w * arc(z, yt[idx])
         if a.kd_w:
@@ -329,6 +346,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--arc-w", type=float, default=1.0)
     ap.add_argument("--arc-s", type=float, default=30.0)
     ap.add_argument("--arc-m", type=float, default=0.3)
+    ap.add_argument("--arc-init-std", type=float, default=0.01, help="std of the class-centre init")
     ap.add_argument("--arc-lr-mult", type=float, default=10.0, help="class-centre lr / head lr")
     ap.add_argument("--kd-w", type=float, default=0.0)
     ap.add_argument("--kd", default="kl", choices=["kl", "mse"])
@@ -344,6 +362,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--wd", type=float, default=1e-4)
     ap.add_argument("--opt", default="adam", choices=["adam", "adamw"])
+    ap.add_argument("--lib-loss", type=int, default=0, help="use uniembed.models.losses")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the held-out label split")
     ap.add_argument("--name", default="", help="row name in the results table")

@@ -2,21 +2,26 @@
 
 Used by evaluation, indexing, search and the web service alike, so all of them see the same vectors.
 
-Why it is shaped this way (figures from 360 real photos, MobileNetV2 model, busy 2-core machine; see
-``scripts/bench_index.py`` — the numbers are in the serve stage's report):
+Why it is shaped this way. Measured with ``scripts/bench_index.py`` (``build_index``, 360 real photos of 5
+sizes, the demo's MobileNetV2 model, a 2-core machine with a load average of ~8 from other jobs): before
+66-76 s, now 4.4-6.6 s (engine auto) or 7.2-10.3 s (engine torch).
 
+- Threads: torch's OpenMP threads spin-wait for each other, so when other processes hold the cores a
+  2-thread forward is several times slower than a 1-thread one (the old code at 1 thread: 15-19 s). Callers
+  that own the process (index, search, serve) use :func:`free_cores`; the probes below run on one thread.
 - The exported model accepts any H, W but one batch must share one size. Photos come in many sizes, and a
   caller-side resize would change the pixels the model sees, unless it is *the model's own* resize. So when
   the model exposes its preprocessing (``model.preprocessor.resize``, as every ``GuieModel`` does) each image
   is resized with exactly that function and all images share full [B,3,S,S] batches; the model skips its
   resize for S x S float input. This is checked on probe images at load time, else images are grouped by size.
-- TorchScript's profiling executor re-profiles and re-optimises for every new input shape (seconds each);
-  it runs with ``torch.jit.optimized_execution(False)``. The loaded module is frozen and passed through
-  ``torch.jit.optimize_for_inference`` (conv+BN folding, oneDNN convolutions): ~3x faster on CPU.
+- TorchScript's profiling executor re-profiles and re-optimises for every new input shape (10-25% of the
+  forward time with 5 sizes here, more with more sizes): it is off (``torch.jit.optimized_execution(False)``).
+  The loaded module is frozen and passed through ``torch.jit.optimize_for_inference`` (conv+BN folding,
+  oneDNN convolutions): ~3x faster forwards on CPU.
 - ``engine="auto"`` (indexing, search, serving) runs the export's ``model.onnx`` in onnxruntime when it is
   the twin of this ``saved_model.pt`` (export.json names the same fingerprint) and agrees with it on probe
-  images: another ~2x over the optimised TorchScript on CPU. ``engine="torch"`` always runs the TorchScript
-  file itself (the default for evaluation, which scores the submission file).
+  images: another ~1.6x over the optimised TorchScript here. ``engine="torch"`` always runs the TorchScript
+  file itself (the default of ``load_embedder``, used by evaluation, which scores the submission file).
 - Every variant is checked against the plain TorchScript module on probe images (max |diff| <= 1e-4) before
   it is used; a variant that fails is skipped, with the reason kept in ``Embedder.notes``.
 - Forward passes are serialised by a lock: the service calls from several threads, and parallel forwards on
@@ -265,8 +270,8 @@ class Embedder:
 
 @contextlib.contextmanager
 def _no_jit_reprofiling() -> Iterator[None]:
-    """TorchScript's profiling executor re-profiles (at about half speed, then optimises for seconds) for
-    every new input shape; photos come in many sizes and steady-state speed is the same without it."""
+    """No profiling executor: it re-profiles and re-optimises for every new input shape, and photos come in
+    many sizes; steady-state speed is the same without it (see the module docstring)."""
     with torch.jit.optimized_execution(False):
         yield
 
