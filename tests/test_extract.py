@@ -98,8 +98,25 @@ def test_features_match_preprocessor_and_engines_agree(prepared: Path, extracted
     images = [samples[i].image_bytes for i in pick]
     by_torch = E.embed_paths(images, bb, engine="torch")
     by_ort = E.embed_paths(images, bb, engine="onnxruntime")
+    by_spin = E.embed_paths(images, bb, engine="onnxruntime-spin")
     assert _cos_rows(by_torch.features, by_ort.features).min() >= 0.999
+    assert _cos_rows(by_torch.features, by_spin.features).min() >= 0.999
     assert _cos_rows(by_torch.features, got).min() >= 0.999
+
+
+def test_cpu_default_engine_is_onnxruntime_without_spinning() -> None:
+    """``auto`` on CPU = ONNX Runtime whose intra-op threads sleep instead of spinning (they would steal the
+    decode worker's core); ``onnxruntime-spin`` keeps ORT's spinning and is its own engine in the cache."""
+    from uniembed.models import create_backbone
+
+    bb = create_backbone("mobilenetv2", pretrained=False)
+    key = "session.intra_op.allow_spinning"
+    default = E.make_runner(bb, "auto", threads=2, device="cpu")
+    assert default.engine == "onnxruntime"
+    assert default.session.get_session_options().get_session_config_entry(key) == "0"
+    spin = E.make_runner(bb, "onnxruntime-spin", threads=2, device="cpu")
+    assert spin.engine == "onnxruntime-spin" and spin is not default
+    assert spin.session.get_session_options().get_session_config_entry(key) == "1"
 
 
 def test_resume_after_crash_reuses_finished_shards(

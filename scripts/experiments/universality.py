@@ -232,6 +232,11 @@ def train_head(
         with torch.no_grad():
             head.proj.weight.copy_(torch.from_numpy(comp))
             head.proj.bias.copy_(torch.from_numpy(-(comp @ xn.mean(0))))
+    if a.lib_head:  # the project's LinearHead + init_head_from_features, to compare trainers
+        from uniembed.models.heads import build_head, init_head_from_features
+
+        head = build_head({"in_dim": x.shape[1], "out_dim": a.dim, "dropout": a.dropout, "init": a.init})
+        init_head_from_features(head, torch.from_numpy(x), "pca" if a.init == "pca" else "random")
     uniq, y = np.unique(labels, return_inverse=True)
     arc = ArcFace(a.dim, len(uniq), a.arc_s, a.arc_m, a.arc_init_std)
     # Same optimiser layout as the project trainer: head at (lr, wd), class centres at lr*mult without decay.
@@ -241,7 +246,8 @@ def train_head(
 
         lib_loss = build_loss(
             {"type": "arcface", "scale": a.arc_s, "margin": a.arc_m, "margin_weight": a.arc_w,
-             "distill_weight": a.kd_w}, len(uniq), a.dim)
+             "distill_weight": a.kd_w, "centers_init_std": a.lib_centers_std,
+             "distill_center": a.kd_center == 2}, len(uniq), a.dim)
         arc = lib_loss
     params = [
         {"params": head.parameters(), "lr": a.lr, "weight_decay": a.wd},
@@ -363,6 +369,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--wd", type=float, default=1e-4)
     ap.add_argument("--opt", default="adam", choices=["adam", "adamw"])
     ap.add_argument("--lib-loss", type=int, default=0, help="use uniembed.models.losses")
+    ap.add_argument("--lib-head", type=int, default=0, help="use uniembed.models.heads")
+    ap.add_argument("--lib-centers-std", type=float, default=0.0, help="lib loss centers_init_std")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the held-out label split")
     ap.add_argument("--name", default="", help="row name in the results table")

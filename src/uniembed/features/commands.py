@@ -40,7 +40,9 @@ def register(app: typer.Typer) -> None:
             "auto",
             "--engine",
             "-e",
-            help="auto (ONNX Runtime on CPU, torch on GPU), torch, or onnxruntime.",
+            help="auto (ONNX Runtime on CPU, torch on GPU), torch, onnxruntime (threads sleep when idle: "
+            "best beside decode workers and on shared machines) or onnxruntime-spin (ONNX Runtime's "
+            "busy-waiting threads, for dedicated many-core machines).",
         ),
         batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per model call."),
         threads: int | None = typer.Option(

@@ -13,7 +13,11 @@ Pipeline, and why each part is shaped the way it is:
   happens there.
 - Engines: ONNX Runtime on CPU (the frozen backbone + pooling is exported once and cached under
   ``cache_dir()/onnx``; several times faster than eager torch on small CPUs), torch on GPU (bf16 autocast,
-  channels_last, optional ``torch.compile``).
+  channels_last, optional ``torch.compile``). ONNX Runtime's intra-op threads do not spin-wait by default
+  (``onnxruntime``): spinning threads steal the core the decode worker needs, and on a shared 2-core machine
+  extraction was 0.9-1.8x (median 1.3x over 12 alternating runs) faster without spinning.
+  ``onnxruntime-spin`` keeps ORT's own spinning default for dedicated many-core machines. (bf16 autocast on
+  CPU is not used: it was slower than ORT fp32 and its features fell to cosine 0.977 vs fp32 on real photos.)
 - Resumable: each shard's features are written atomically to ``<out>/parts/`` as soon as the shard is done;
   a restarted run reuses finished parts and only assembles at the end. A finished directory with the same
   fingerprint is returned at once.
@@ -44,7 +48,7 @@ from uniembed.models.registry import Backbone, create_backbone
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch", "onnxruntime")
+ENGINES = ("auto", "torch", "onnxruntime", "onnxruntime-spin")
 #: Bump when the part-file layout or the pixel pipeline changes, so old parts/caches are not reused.
 PIPELINE_VERSION = 2
 #: Draft-decode JPEGs only when both sides are at least this many times the model input (much larger).
@@ -233,11 +237,13 @@ def export_onnx(backbone: Backbone, path: Path) -> Path:
 
 
 class OrtRunner:
-    """ONNX Runtime CPU session over the cached export of the backbone."""
+    """ONNX Runtime CPU session over the cached export of the backbone.
 
-    engine = "onnxruntime"
+    ``spin=False`` (the default) turns off the intra-op threads' busy-waiting between operators: while the
+    DataLoader decode worker and other processes share the cores, spinning threads burn the very core time
+    the worker needs (measured: docs/bench.md and the module docstring)."""
 
-    def __init__(self, backbone: Backbone, threads: int | None = None):
+    def __init__(self, backbone: Backbone, threads: int | None = None, spin: bool = False):
         import onnxruntime as ort
 
         path = onnx_cache_path(backbone)
@@ -249,6 +255,9 @@ class OrtRunner:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        self.engine = "onnxruntime-spin" if spin else "onnxruntime"
+        self.spin = spin
         self.path = path
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
@@ -272,11 +281,11 @@ def make_runner(
     key = (id(backbone.module), eng, threads, device, compile)
     if key in _RUNNERS:
         return _RUNNERS[key]
-    if eng == "onnxruntime":
+    if eng.startswith("onnxruntime"):
         try:
-            runner = OrtRunner(backbone, threads=threads)
+            runner = OrtRunner(backbone, threads=threads, spin=eng == "onnxruntime-spin")
         except Exception as e:
-            if engine == "onnxruntime":
+            if engine.startswith("onnxruntime"):
                 raise ExtractError(f"ONNX Runtime engine failed for {backbone.name}: {e}") from e
             log.warning("ONNX export/session failed for %s (%s); using torch", backbone.name, e)
             runner = TorchRunner(backbone, device=device, threads=threads, compile=compile)

@@ -46,6 +46,11 @@ LOSS_DEFAULTS: dict[str, Any] = {
     # their classes within a few steps, while unit-scale ones stay put and drag a PCA-initialised head off its
     # geometry (left-out-domain mP@5 packaged_goods 0.663 with N(0,1) centres vs 0.682 with std 0.01).
     "centers_init_std": 0.0,
+    # Distillation teacher centred by the batch mean before the cosine similarities (issue #6). Backbone
+    # features after ReLU are all-positive, so their raw cosines sit near +0.6 for any pair, while a centred
+    # head (``center: true``) outputs near-zero-mean similarities: the uncentred target drags the whole
+    # embedding towards one direction and costs the left-out domains (docs/experiments.md).
+    "distill_center": False,
 }
 
 
@@ -73,6 +78,7 @@ def loss_config(cfg: dict | None) -> dict:
         c[k] = float(c[k])
         if c[k] < 0:
             raise ValueError(f"loss {k} must be >= 0, got {c[k]}")
+    c["distill_center"] = bool(c["distill_center"])
     c["sub_centers"] = int(c["sub_centers"])
     if c["sub_centers"] < 1:
         raise ValueError("loss sub_centers must be >= 1")
@@ -224,9 +230,15 @@ class SimilarityDistillLoss(nn.Module):
     features, off the diagonal (the diagonal is 1 in both). Keeps the head close to the backbone's geometry,
     which is one way to stay 'universal' on domains absent from the training labels."""
 
+    def __init__(self, center: bool = False):
+        super().__init__()
+        self.center = bool(center)  # see LOSS_DEFAULTS["distill_center"]
+
     def forward(self, emb: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         e = F.normalize(emb.float(), dim=1)
         f = F.normalize(feats.float(), dim=1)
+        if self.center:
+            f = F.normalize(f - f.mean(0, keepdim=True), dim=1)
         n = e.shape[0]
         if n < 2:
             return e.sum() * 0.0
@@ -247,7 +259,9 @@ class EmbeddingLoss(nn.Module):
         self.margin = (
             MarginLoss(self.cfg, num_classes, embedding_dim, class_counts) if self.margin_weight > 0 else None
         )
-        self.distill = SimilarityDistillLoss() if self.distill_weight > 0 else None
+        self.distill = (
+            SimilarityDistillLoss(self.cfg["distill_center"]) if self.distill_weight > 0 else None
+        )
 
     def forward(
         self, emb: torch.Tensor, labels: torch.Tensor, feats: torch.Tensor | None = None
