@@ -2,6 +2,7 @@
 # Sweep 1: MobileNetV2 avg-pooled features (cache: cache_features.py --backbone mobilenetv2 --size 224).
 set -e
 U=".venv/bin/python scripts/experiments/universality.py --feats mobilenetv2-224"
+$U --method raw --name "mnv2 avg: raw 1280 (L2)"
 $U --method pca --name "mnv2 avg: PCA-64"
 $U --method pcaw --whiten 1 --name "mnv2 avg: PCA-whiten-64"
 $U --method pcaw --whiten 0.5 --name "mnv2 avg: PCA-64, half-whitened (power 0.5)"
