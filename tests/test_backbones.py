@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import warnings
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from uniembed.models import create_backbone, list_backbones
 from uniembed.models.backbones import (
@@ -105,7 +107,59 @@ def test_pooling_variants(name: str) -> None:
         create_backbone(name, pooling="max")
 
 
-@pytest.mark.parametrize(("name", "pooling"), [("efficientnet_lite0", "gem"), ("mobilenetv2", "avg+stages")])
+def test_block_l2_stages_match_the_research() -> None:
+    """``avg+stages_l2``: MobileNetV2 blocks 13/16/17 + the final map (96/160/320/1280 channels, the stages of
+    scripts/experiments/cache_features.py), each average-pooled and L2-normalised, then concatenated."""
+    bb = create_backbone("mobilenetv2", pooling="avg+stages_l2")
+    avg = create_backbone("mobilenetv2")
+    assert bb.dim == 96 + 160 + 320 + 1280 == 1856
+    assert bb.info["stage_ids"] == [13, 16, 17, 18] and bb.info["block_l2"] is True
+    assert create_backbone("mobilenetv2", pooling="avg+stages").info["stage_ids"] == [3, 6, 13, 18]
+    assert bb.fingerprint() not in {
+        avg.fingerprint(),
+        create_backbone("mobilenetv2", pooling="avg+stages").fingerprint(),
+    }
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        out = bb.module(x)
+        # Reference: the plain torchvision body, tapped by hand.
+        maps, h = {}, x
+        for i, layer in enumerate(avg.module.body):
+            h = layer(h)
+            maps[i] = h
+        ref = torch.cat([F.normalize(maps[i].mean(dim=(2, 3)), dim=1) for i in (13, 16, 17, 18)], dim=1)
+    assert out.shape == (2, 1856)
+    assert torch.allclose(out, ref, atol=1e-5)
+    for blk in out.split([96, 160, 320, 1280], dim=1):
+        assert torch.allclose(blk.norm(dim=1), torch.ones(2), atol=1e-5)
+    lite = create_backbone("efficientnet_lite0", pooling="avg+stages_l2")
+    # stem is child 0, so blocks 10/14/15 (112/192/320 channels, the research's stage ends) + head.
+    assert lite.info["stage_ids"] == [11, 15, 16, 17] and lite.dim == 112 + 192 + 320 + 1280
+    with pytest.raises(ValueError, match="only available for mobilenetv2"):
+        create_backbone("timm:resnet18", pretrained=False, pooling="avg+stages_l2")
+
+
+def test_block_l2_stages_onnx_engine_agrees(tmp_path) -> None:
+    """The extraction engine's ONNX export of ``avg+stages_l2`` computes what torch does."""
+    import onnxruntime as ort
+
+    from uniembed.features.extract import PixelEmbedder, export_onnx
+
+    bb = create_backbone("mobilenetv2", pooling="avg+stages_l2")
+    path = export_onnx(bb, tmp_path / "m.onnx")
+    pixels = torch.randint(0, 256, (3, 3, 224, 224)).float()
+    with torch.no_grad():
+        ref = PixelEmbedder(bb).eval()(pixels).numpy()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(["features"], {"pixels": pixels.numpy()})[0]
+    assert got.shape == (3, 1856)
+    assert np.allclose(got, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("name", "pooling"),
+    [("efficientnet_lite0", "gem"), ("mobilenetv2", "avg+stages"), ("mobilenetv2", "avg+stages_l2")],
+)
 def test_offline_modules_script_and_trace(name: str, pooling: str) -> None:
     """The export stage puts ``module`` inside a TorchScript model: both scripting and tracing must work."""
     bb = create_backbone(name, pooling=pooling)

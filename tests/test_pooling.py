@@ -38,12 +38,14 @@ def test_gem_clamps_negatives_and_keeps_dtype() -> None:
 
 
 def test_parse_pooling_names() -> None:
-    assert parse_pooling("avg") == ("avg", False, 1.0)
-    assert parse_pooling("gem") == ("gem", False, 3.0)
-    assert parse_pooling("GeM4.5") == ("gem", False, 4.5)
-    assert parse_pooling("avg+stages") == ("avg", True, 1.0)
-    assert parse_pooling("gem+stages") == ("gem", True, 3.0)
-    for bad in ("max", "gemx", "gem0", "gem-1", ""):
+    assert parse_pooling("avg") == ("avg", False, 1.0, False)
+    assert parse_pooling("gem") == ("gem", False, 3.0, False)
+    assert parse_pooling("GeM4.5") == ("gem", False, 4.5, False)
+    assert parse_pooling("avg+stages") == ("avg", True, 1.0, False)
+    assert parse_pooling("gem+stages") == ("gem", True, 3.0, False)
+    assert parse_pooling("avg+stages_l2") == ("avg", True, 1.0, True)
+    assert parse_pooling(" GeM4+Stages_L2 ") == ("gem", True, 4.0, True)
+    for bad in ("max", "gemx", "gem0", "gem-1", "", "avg+stages_l1", "avg_l2", "+stages_l2"):
         with pytest.raises(ValueError, match="unknown pooling"):
             parse_pooling(bad)
     assert isinstance(make_pool("avg"), AvgPool)
@@ -58,6 +60,41 @@ def test_multi_stage_pool_concatenates() -> None:
     assert torch.allclose(out[:, 3:], maps[1].mean(dim=(2, 3)))
 
 
+def test_block_l2_multi_stage_pool_normalises_each_block() -> None:
+    """``+stages_l2``: every stage's pooled vector has unit norm, so a large-scale wide map cannot drown a
+    small narrow one; the direction within each block is the plain pooled direction."""
+    maps = [torch.rand(3, 4, 8, 8), torch.rand(3, 6, 4, 4) * 50.0, torch.rand(3, 10, 2, 2) * 0.01]
+    out = MultiStagePool("avg+stages_l2", 3)(maps)
+    assert out.shape == (3, 20)
+    blocks = out.split([4, 6, 10], dim=1)
+    for blk, m in zip(blocks, maps, strict=True):
+        assert torch.allclose(blk.norm(dim=1), torch.ones(3), atol=1e-5)
+        ref = m.mean(dim=(2, 3))
+        assert torch.allclose(blk, ref / ref.norm(dim=1, keepdim=True), atol=1e-6)
+    assert torch.allclose(out.norm(dim=1), torch.full((3,), 3.0**0.5), atol=1e-5)
+    # Without the suffix nothing is normalised (the old ``+stages`` behaviour is unchanged).
+    plain = MultiStagePool("avg+stages", 3)(maps)
+    assert torch.allclose(plain[:, 4:10], maps[1].mean(dim=(2, 3)))
+    # GeM + block norm: same per-block unit norm.
+    g = MultiStagePool("gem+stages_l2", 3)(maps)
+    assert torch.allclose(g[:, :4].norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_block_l2_is_safe_for_zero_maps_and_low_precision() -> None:
+    """An all-zero stage (dead ReLU map) gives a zero block, not NaN; bf16 input keeps its dtype."""
+    maps = [torch.zeros(2, 3, 4, 4), torch.rand(2, 5, 2, 2)]
+    out = MultiStagePool("avg+stages_l2", 2)(maps)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[:, :3], torch.zeros(2, 3))
+    bf = MultiStagePool("avg+stages_l2", 2)([m.to(torch.bfloat16) for m in maps])
+    assert bf.dtype == torch.bfloat16
+    assert torch.allclose(bf[:, 3:].float().norm(dim=1), torch.ones(2), atol=1e-2)
+    with pytest.raises(ValueError, match="does not match"):
+        MultiStagePool("avg+stages_l2", 3)(maps)
+    with pytest.raises(ValueError, match="at least one map"):
+        MultiStagePool("avg+stages_l2", 0)
+
+
 def test_pools_are_scriptable() -> None:
     x = torch.rand(2, 4, 5, 5)
     for m in (AvgPool(), GeMPool(3.0)):
@@ -65,3 +102,7 @@ def test_pools_are_scriptable() -> None:
     msp = MultiStagePool("gem", 2)
     maps = [x, torch.rand(2, 6, 3, 3)]
     assert torch.allclose(torch.jit.script(msp)(maps), msp(maps), atol=1e-6)
+    l2 = MultiStagePool("avg+stages_l2", 2)
+    scripted = torch.jit.script(l2)
+    assert torch.allclose(scripted(maps), l2(maps), atol=1e-6)
+    assert not torch.allclose(scripted(maps), msp(maps))

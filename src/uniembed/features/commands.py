@@ -27,8 +27,9 @@ def register(app: typer.Typer) -> None:
             "--pooling",
             "-p",
             help="Global pooling of the last feature map: avg or gem (GeM, p=3; gem4 sets p=4). Add "
-            "'+stages' (e.g. avg+stages) to concatenate pooled maps of several stages (mobilenetv2, "
-            "efficientnet_lite*). timm: also 'native' (the model's own pooling, e.g. a ViT's class token).",
+            "'+stages' (e.g. avg+stages) to concatenate pooled maps of several stages, or '+stages_l2' "
+            "(avg+stages_l2) to L2-normalise each stage before joining (mobilenetv2, efficientnet_lite*). "
+            "timm: also 'native' (the model's own pooling, e.g. a ViT's class token).",
         ),
         out: Path = typer.Option(
             Path("artifacts/features"),

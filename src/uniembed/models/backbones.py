@@ -113,29 +113,48 @@ class MultiStageCNN(CNNFeatureNet):
 _PROBE = 64
 
 
-def _stage_ends(body: nn.Sequential, size: int = _PROBE, keep: int = 4) -> list[int]:
-    """Indices of the children that end a resolution stage (the last child before each downsampling, plus the
-    last child), found with one small dummy forward pass; the last ``keep`` are returned (stride 4..32)."""
-    shapes: list[tuple[int, ...]] = []
+def _probe_outputs(body: nn.Sequential, size: int = _PROBE) -> list[tuple[int, int]]:
+    """(channels, height) of every child's output, from one small dummy forward pass in eval mode."""
+    out: list[tuple[int, int]] = []
     body.eval()
     x = torch.zeros(1, 3, size, size)
     with torch.no_grad():
         for m in body:
             x = m(x)
-            shapes.append(tuple(x.shape[-2:]))
-    ends = [i for i in range(len(shapes) - 1) if shapes[i + 1][0] < shapes[i][0]] + [len(shapes) - 1]
+            out.append((int(x.shape[1]), int(x.shape[2])))
+    return out
+
+
+def _stage_ends(body: nn.Sequential, size: int = _PROBE, keep: int = 4) -> list[int]:
+    """Indices of the children that end a resolution stage (the last child before each downsampling, plus the
+    last child); the last ``keep`` are returned (stride 4..32). Used by ``+stages``."""
+    shapes = [h for _, h in _probe_outputs(body, size)]
+    ends = [i for i in range(len(shapes) - 1) if shapes[i + 1] < shapes[i]] + [len(shapes) - 1]
+    return ends[-keep:]
+
+
+def _width_stage_ends(body: nn.Sequential, size: int = _PROBE, keep: int = 4) -> list[int]:
+    """Indices of the children after which the channel width changes, plus the last child; the last
+    ``keep`` are returned. Used by ``+stages_l2``: these are the stages the universality research measured
+    (MobileNetV2 ``.features`` 13/16/17/18 = 96/160/320/1280 channels; EfficientNet-Lite: the ends of its
+    last two block stages, its last block and the 1280-d head, scripts/experiments/cache_features.py).
+    Width stages rather than resolution stages because the narrow late blocks (320-d, same stride as the
+    head) carry much of the gain."""
+    widths = [c for c, _ in _probe_outputs(body, size)]
+    ends = [i for i in range(len(widths) - 1) if widths[i + 1] != widths[i]] + [len(widths) - 1]
     return ends[-keep:]
 
 
 def _cnn_net(body: nn.Sequential, pooling: str) -> tuple[CNNFeatureNet, int, dict]:
     """Wrap a CNN body with the requested pooling; returns (module, feature dim, info)."""
-    kind, multi, p = parse_pooling(pooling)
+    spec = parse_pooling(pooling)
     body.eval()  # before any probe: a train-mode forward would overwrite the BatchNorm running statistics
-    info: dict[str, Any] = {"pool": kind, "gem_p": p if kind == "gem" else None}
-    if multi:
-        ids = _stage_ends(body)
+    info: dict[str, Any] = {"pool": spec.kind, "gem_p": spec.p if spec.kind == "gem" else None}
+    if spec.multi:
+        ids = _width_stage_ends(body) if spec.block_l2 else _stage_ends(body)
         net: CNNFeatureNet = MultiStageCNN(body, MultiStagePool(pooling, len(ids)), ids)
         info["stage_ids"] = ids
+        info["block_l2"] = spec.block_l2
     else:
         net = CNNFeatureNet(body, make_pool(pooling))
     net.eval()
@@ -375,8 +394,7 @@ def timm_backbone(name: str, pretrained: bool = True, pooling: str = "avg", **kw
     elif kind == "avg":
         create["global_pool"] = "avg"
     else:
-        parse_pooling(kind)  # validates the name
-        if kind.endswith("+stages"):
+        if parse_pooling(kind).multi:  # also validates the name
             raise ValueError("multi-stage pooling is only available for mobilenetv2 and efficientnet_lite*")
         create["global_pool"] = ""
     if not name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(name):

@@ -1,18 +1,39 @@
-"""Global pooling of CNN feature maps [B,C,H,W] -> [B,C] (and a multi-stage variant).
+"""Global pooling of CNN feature maps [B,C,H,W] -> [B,C] (and multi-stage variants).
 
 Written here rather than taken from timm because the pooled feature is part of the frozen backbone's
 identity (it goes into the cache fingerprint and into the exported TorchScript model), so it must be a tiny,
 scriptable module with a fixed, documented formula: plain average, or GeM with a *fixed* exponent (the
 backbone is frozen, so there is nothing to learn ``p`` from at extraction time).
+
+Multi-stage names: ``<pool>+stages`` concatenates the pooled maps of several stages as they are;
+``<pool>+stages_l2`` L2-normalises each stage's pooled vector first ("block-normed"). The final 1280-d map
+of MobileNetV2 has ~10x the norm of earlier stages, so without per-block normalisation it drowns them and
+the concatenation behaves like plain ``avg`` (docs/experiments.md: PCA-64 left-out mean 0.797 plain
+concatenation vs 0.815 block-normed vs 0.796 plain avg).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-#: Pooling names accepted by ``create_backbone(..., pooling=...)``.
-POOLINGS = ("avg", "gem")
+#: Pooling names accepted by ``create_backbone(..., pooling=...)`` (``gem`` also takes ``gem<p>``).
+POOLINGS = ("avg", "gem", "avg+stages", "gem+stages", "avg+stages_l2", "gem+stages_l2")
+
+_STAGES = "+stages"
+_STAGES_L2 = "+stages_l2"
+
+
+class PoolingSpec(NamedTuple):
+    """A parsed pooling name."""
+
+    kind: str  # "avg" | "gem"
+    multi: bool  # pool several stages and concatenate
+    p: float  # GeM exponent (1.0 for avg)
+    block_l2: bool = False  # L2-normalise each stage's pooled vector before concatenating
 
 
 class AvgPool(nn.Module):
@@ -45,14 +66,15 @@ class GeMPool(nn.Module):
         return f"p={float(self.p):g}, eps={self.eps:g}"
 
 
-def parse_pooling(pooling: str) -> tuple[str, bool, float]:
-    """``avg`` | ``gem`` | ``gem3.5`` (explicit p) | ``<either>+stages`` -> (kind, multi_stage, p)."""
+def parse_pooling(pooling: str) -> PoolingSpec:
+    """``avg`` | ``gem`` | ``gem3.5`` (explicit p), optionally + ``+stages`` / ``+stages_l2`` -> spec."""
     name = pooling.strip().lower()
-    multi = name.endswith("+stages")
+    block_l2 = name.endswith(_STAGES_L2)
+    multi = block_l2 or name.endswith(_STAGES)
     if multi:
-        name = name[: -len("+stages")]
+        name = name[: -len(_STAGES_L2 if block_l2 else _STAGES)]
     if name == "avg":
-        return "avg", multi, 1.0
+        return PoolingSpec("avg", multi, 1.0, block_l2)
     if name.startswith("gem"):
         rest = name[3:]
         try:
@@ -60,32 +82,48 @@ def parse_pooling(pooling: str) -> tuple[str, bool, float]:
         except ValueError:
             p = -1.0
         if p > 0:
-            return "gem", multi, p
+            return PoolingSpec("gem", multi, p, block_l2)
     raise ValueError(
-        f"unknown pooling {pooling!r}; use one of: avg, gem, gem<p> (e.g. gem4), and optionally '+stages' "
-        "(e.g. avg+stages) to concatenate pooled features from several network stages"
+        f"unknown pooling {pooling!r}; use one of: avg, gem, gem<p> (e.g. gem4), optionally followed by "
+        "'+stages' (e.g. avg+stages) to concatenate pooled features from several network stages, or "
+        "'+stages_l2' (e.g. avg+stages_l2) to L2-normalise each stage's pooled vector before concatenating"
     )
 
 
 def make_pool(pooling: str) -> nn.Module:
-    """A single-map pooling module for a pooling name (the ``+stages`` suffix is handled by the backbone)."""
-    kind, _, p = parse_pooling(pooling)
-    return AvgPool() if kind == "avg" else GeMPool(p=p)
+    """A single-map pooling module for a pooling name (the ``+stages*`` suffix is handled by the backbone)."""
+    spec = parse_pooling(pooling)
+    return AvgPool() if spec.kind == "avg" else GeMPool(p=spec.p)
 
 
 class MultiStagePool(nn.Module):
     """Pool several feature maps (one per stage) and concatenate: [B, sum(C_i)].
 
-    Lower stages carry texture/colour cues that the last stage has abstracted away; concatenating them is a
-    cheap way to test how "universal" the frozen features are across domains.
+    Lower stages carry texture/colour cues that the last stage has abstracted away. With ``block_l2``
+    (pooling names ending in ``+stages_l2``) each pooled vector is L2-normalised before the concatenation,
+    so every stage gets the same weight in cosine similarity whatever its width and activation scale; the
+    result then has norm sqrt(n_maps).
     """
 
-    def __init__(self, pooling: str, n_maps: int):
+    def __init__(self, pooling: str, n_maps: int, eps: float = 1e-8):
         super().__init__()
+        if n_maps < 1:
+            raise ValueError(f"MultiStagePool needs at least one map, got {n_maps}")
         self.pools = nn.ModuleList([make_pool(pooling) for _ in range(n_maps)])
+        self.block_l2 = parse_pooling(pooling).block_l2
+        self.eps = float(eps)
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        if len(maps) != len(self.pools):
+            raise ValueError("MultiStagePool: number of feature maps does not match number of pools")
         out: list[torch.Tensor] = []
         for i, pool in enumerate(self.pools):
-            out.append(pool(maps[i]))
+            v = pool(maps[i])
+            if self.block_l2:
+                # Normalise in float32: under bf16/fp16 autocast a tiny eps underflows to 0.
+                v = F.normalize(v.float(), p=2.0, dim=1, eps=self.eps).to(v.dtype)
+            out.append(v)
         return torch.cat(out, dim=1)
+
+    def extra_repr(self) -> str:
+        return f"block_l2={self.block_l2}"
