@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from uniembed.paths import shared_data_dir
-from uniembed.serve.background import ServerProcess
+from uniembed.serve.background import CHROMIUM_ARGS, ServerProcess, find_chromium
 
 
 def split_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -99,18 +99,8 @@ def main() -> None:
 def screenshot(url: str, query: Path, out: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    args = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-    ]
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=args)
+        browser = p.chromium.launch(executable_path=find_chromium(), headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 820})
         page.goto(url + "/")
         page.set_input_files("#file", str(query))

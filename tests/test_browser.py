@@ -6,27 +6,16 @@ via Playwright's Python driver; nothing downloads a browser. Skips with a clear 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from uniembed.paths import repo_root
-from uniembed.serve.background import ServerProcess
+from uniembed.serve.background import CHROMIUM_ARGS, ServerProcess, find_chromium
 from uniembed.serve.index import build_index
 from uniembed.serve.tiny_model import make_tiny_model
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+CHROMIUM = find_chromium()
 
 pytestmark = [
     pytest.mark.browser,

@@ -15,6 +15,26 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+#: Flags for Debian's headless Chromium on a machine with no network beyond loopback: without the
+#: background-networking ones it keeps trying (and failing) to reach Google's hosts.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def find_chromium() -> str | None:
+    """The system Chromium (Debian's package); browser checks never download a browser of their own."""
+    import shutil
+
+    return shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS reports free right now (the caller retries if another process grabs it first)."""

@@ -150,8 +150,6 @@ def _embed_images(
 
 def finetune(cfg: TrainConfig, run: Path, data: TrainData, console: Any) -> dict:
     """Run the fine-tune stage after head training; returns its record (also written to the run dir)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from uniembed.models.losses import build_loss
     from uniembed.models.registry import create_backbone
     from uniembed.train.trainer import (
@@ -162,6 +160,7 @@ def finetune(cfg: TrainConfig, run: Path, data: TrainData, console: Any) -> dict
         build_optimizer,
         load_head,
         score,
+        step_progress,
     )
 
     ft = cfg.finetune
@@ -234,16 +233,7 @@ def finetune(cfg: TrainConfig, run: Path, data: TrainData, console: Any) -> dict
         f"params), {len(blobs)} images, {ft.epochs} epoch(s) x {steps_per_epoch} steps"
     )
     losses: list[float] = []
-    progress = Progress(
-        TextColumn("[bold]finetune {task.fields[ep]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=not cfg.progress,
-    )
+    progress = step_progress("finetune", console, enabled=cfg.progress)
     with progress:
         task = progress.add_task("ft", total=steps_per_epoch * ft.epochs, ep="-", loss="-")
         for epoch in range(1, ft.epochs + 1):

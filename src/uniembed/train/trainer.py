@@ -182,6 +182,22 @@ def _set_determinism(cfg: TrainConfig, device: torch.device) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def step_progress(what: str, console: Any, enabled: bool) -> Any:
+    """The per-step bar of head training and fine-tuning: '<what> <epoch>', steps done, running loss."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn(f"[bold]{what} {{task.fields[ep]}}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not enabled,
+    )
+
+
 def _rng_state() -> dict:
     st: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -434,7 +450,6 @@ def train(
 def _train(
     cfg: TrainConfig, di: DistInfo, console: Any, resume: bool, stop_after: int | None, overwrite: bool
 ) -> Path:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     run = run_dir_for(cfg)
     ckpt_path = run / CHECKPOINT_FILE
@@ -551,16 +566,7 @@ def _train(
             )
 
     last = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
-    progress = Progress(
-        TextColumn("[bold]epoch {task.fields[ep]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=not (cfg.progress and di.is_main),
-    )
+    progress = step_progress("epoch", console, enabled=cfg.progress and di.is_main)
     with progress:
         task = progress.add_task("train", total=steps, ep="-", loss="-")
         for epoch in range(start_epoch + 1, last + 1):
