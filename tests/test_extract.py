@@ -281,3 +281,36 @@ def test_cli_extract(prepared: Path, extracted: Path, tmp_path: Path) -> None:
         app, ["extract", str(prepared), "--backbone", "nope", "--out", str(tmp_path / "f")]
     )
     assert r.exit_code == 1 and "unknown backbone" in r.output
+
+
+def test_extract_files_reads_sources_directly(
+    small_labels_csv: Path, prepared: Path, extracted: Path, tmp_path: Path
+) -> None:
+    """`uniembed extract labels.csv`: no shards, same labels, features close to the shards path (which
+    re-encodes images at longest side 336 first), a cache hit on the second call, bad files counted."""
+    import csv
+    import shutil
+
+    rows = list(csv.DictReader(open(small_labels_csv)))
+    # one undecodable file among real photos: skipped and counted, never a crash
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    src = tmp_path / "labels.csv"
+    shutil.copy(small_labels_csv, src)
+    with open(src, "a", newline="") as f:
+        csv.writer(f).writerow([str(bad), rows[0]["label"], rows[0]["domain"]])
+    out = E.extract_files([str(src)], out_root=tmp_path / "f", engine="onnxruntime", progress=False)
+    fs = load_feature_set(out)
+    assert len(fs) == len(rows) and fs.info["skipped_counts"] == {"not an image": 1}
+    assert fs.info["dataset_dir"] is None and fs.info["manifest_hash"].startswith("files-")
+    by_path = {r["path"]: r for r in rows}
+    assert all(fs.label_names[lid] == by_path[p]["label"] for p, lid in zip(fs.paths, fs.labels, strict=True))
+    shards = load_feature_set(extracted)
+    row_of = {p: i for i, p in enumerate(shards.paths)}
+    idx = [row_of[p] for p in fs.paths]
+    cos = _cos_rows(fs.features, np.asarray(shards.features)[idx])
+    # the shards path decodes JPEGs re-encoded at longest side 336, so it differs slightly
+    assert cos.mean() > 0.99 and cos.min() > 0.97, (cos.mean(), cos.min())
+    t0 = time.perf_counter()
+    assert E.extract_files([str(src)], out_root=tmp_path / "f", progress=False) == out
+    assert E.LAST_STATS.cached and time.perf_counter() - t0 < 5

@@ -142,11 +142,13 @@ def extract_baseline(cfg: BenchConfig, progress: ProgressFile) -> dict:
 
 # ---------------------------------------------------------------------------------------------- project
 def extract_project(cfg: BenchConfig, progress: ProgressFile) -> dict:
-    """``prepare`` + ``extract`` from the same files, timed separately; plus ``embed_paths`` (files ->
-    features in memory, same decode and engine, no shards, no workers) as a second figure.
+    """Two project paths from the same files, timed separately.
 
-    The primary figure is prepare + extract: the path from image files to the feature cache. The one-time
-    ONNX export of the backbone (cached per machine) is done before the clock starts and reported apart."""
+    The primary figure is ``extract_files`` (``uniembed extract labels.csv``): image files -> feature cache
+    on disk in one pass. The shards path, ``prepare`` (files -> WebDataset shards) + ``extract`` (shards ->
+    feature cache), is reported beside it: it pays a decode/resize/re-encode pass once per dataset, which
+    other backbones, fine-tuning and the index then reuse. The one-time ONNX export of the backbone (cached
+    per machine) is done before the clock starts and reported apart."""
     from uniembed.bench.sysinfo import peak_rss_since_reset_mb, reset_peak_rss
     from uniembed.data.prepare import prepare
     from uniembed.features import extract as ext
@@ -196,33 +198,38 @@ def extract_project(cfg: BenchConfig, progress: ProgressFile) -> dict:
     stats = ext.LAST_STATS
     n = int(stats.images)
 
-    progress.update(3, 3, "embed_paths: files -> features in memory", force=True)
+    progress.update(3, 3, "extract_files: files -> features (no shards)", force=True)
     ext._RUNNERS.clear()
     reset_peak_rss()
     t0 = time.perf_counter()
-    res = ext.embed_paths([r["path"] for r in rows], cfg.backbone, threads=cfg.threads)
-    t_embed = time.perf_counter() - t0
-    phase_peak["embed_paths"] = peak_rss_since_reset_mb()
+    fdir_files = ext.extract_files(
+        [str(csv_path)], cfg.backbone, out_root=feat_root, threads=cfg.threads, progress=False
+    )
+    t_files = time.perf_counter() - t0
+    phase_peak["extract_files"] = peak_rss_since_reset_mb()
+    n_files = int(ext.LAST_STATS.images)
 
     total = t_prepare + t_extract
     return {
-        "figure": n / total,
+        "figure": n_files / t_files,
         "unit": "images/s",
         "details": {
-            "measured": "prepare (files -> WebDataset shards) + extract (shards -> feature cache on disk)",
-            "images": n,
+            "measured": "extract_files (`uniembed extract labels.csv`: files -> feature cache, no shards)",
+            "images": n_files,
             "engine": engine,
             "threads": cfg.threads,
+            "seconds_extract_files": t_files,
+            "shards_path_images_per_s": n / total,
+            "shards_path_note": "prepare (files -> WebDataset shards) + extract (shards -> feature cache)",
             "extract_workers": ext.default_workers(len(manifest["shards"])),
             "extract_batch_size": 64,
             "prepare_workers": _prepare_workers(),
             "seconds_prepare": t_prepare,
             "seconds_extract": t_extract,
-            "seconds_total": total,
+            "seconds_prepare_plus_extract": total,
             "images_per_s_extract_only": n / t_extract,
             "images_per_s_prepare_only": n / t_prepare,
-            "embed_paths_images_per_s": len(res) / t_embed,
-            "embed_paths_note": "files -> features in memory in one process (decode on the main thread)",
+            "feature_dir_files": str(fdir_files),
             "one_time_warmup_s": t_warm,
             "main_process_peak_rss_mb_by_phase": phase_peak,
             "feature_dir": str(fdir),

@@ -344,9 +344,10 @@ def print_report(cfg: BenchConfig, results: dict[str, dict], wall_s: float, cons
         if name == "extract":
             d = p["details"]
             notes.append(
-                f"extract: prepare {d['seconds_prepare']:.1f} s + extract {d['seconds_extract']:.1f} s for "
-                f"{d['images']} images (extract alone {d['images_per_s_extract_only']:.1f} img/s, "
-                f"embed_paths {d['embed_paths_images_per_s']:.1f} img/s, engine {d['engine']})"
+                f"extract: files -> features {d['seconds_extract_files']:.1f} s for {d['images']} images "
+                f"(engine {d['engine']}); shards path: prepare {d['seconds_prepare']:.1f} s + extract "
+                f"{d['seconds_extract']:.1f} s = {d['shards_path_images_per_s']:.1f} img/s "
+                f"(extract alone {d['images_per_s_extract_only']:.1f} img/s)"
             )
         if name == "head_epoch":
             notes.append(

@@ -12,8 +12,11 @@ def register(app: typer.Typer) -> None:
 
     @app.command("extract")
     def extract_cmd(
-        dataset_dir: Path = typer.Argument(
-            ..., help="Prepared dataset folder (manifest.json + shard-*.tar, from `uniembed prepare`)."
+        dataset_dir: str = typer.Argument(
+            ...,
+            help="Prepared dataset folder (manifest.json + shard-*.tar, from `uniembed prepare`), or an "
+            "image source as `uniembed prepare` takes it (a labels.csv, imagefolder:DIR:domain=D, gldv2:DIR, "
+            "...): its files are then read directly, with no shard pass.",
         ),
         backbone: str = typer.Option(
             "mobilenetv2",
@@ -65,30 +68,54 @@ def register(app: typer.Typer) -> None:
         compile: bool = typer.Option(False, "--compile", help="torch.compile the model (torch engine only)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
-        """Extract pooled frozen-backbone features of every image of a prepared dataset.
+        """Extract pooled frozen-backbone features of every image of a prepared dataset (or of an image source
+        read directly).
 
         Cached: a rerun with the same backbone, weights, pooling and dataset returns at once.
 
         Resumable: a killed run continues from the shards it had finished.
         """
+        from pathlib import Path as _Path
+
         from uniembed.data.sources import DataError
         from uniembed.features import extract as ex
 
+        # A prepared dataset (or any plain folder, which then gets extract's own "not prepared" error) goes
+        # through the shards; a labels.csv, a folder holding one, or a KIND:PATH spec is read directly.
+        arg = _Path(dataset_dir)
+        direct = not arg.is_dir() or (
+            (arg / "labels.csv").exists() and not (arg / "manifest.json").exists()
+        )
         try:
-            path = ex.extract(
-                dataset_dir,
-                backbone=backbone,
-                out_root=out,
-                pooling=pooling,
-                engine=engine,
-                batch_size=batch_size,
-                threads=threads,
-                workers=workers,
-                pretrained=not random_weights,
-                device=device,
-                compile=compile,
-                progress=not quiet,
-            )
+            if direct:
+                path = ex.extract_files(
+                    [dataset_dir],
+                    backbone=backbone,
+                    out_root=out,
+                    pooling=pooling,
+                    engine=engine,
+                    batch_size=batch_size,
+                    threads=threads,
+                    workers=workers,
+                    pretrained=not random_weights,
+                    device=device,
+                    progress=not quiet,
+                )
+            else:
+                path = ex.extract(
+                    dataset_dir,
+                    backbone=backbone,
+                    out_root=out,
+                    pooling=pooling,
+                    engine=engine,
+                    batch_size=batch_size,
+                    threads=threads,
+                    workers=workers,
+                    pretrained=not random_weights,
+                    device=device,
+                    compile=compile,
+                    progress=not quiet,
+                )
         except (ex.ExtractError, DataError, KeyError, ValueError, FileNotFoundError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             typer.echo(f"extract failed: {msg}", err=True)

@@ -742,3 +742,103 @@ def embed_paths(
             bar.update(len(batch["idx"]) + len(batch["bad"]))
     f = np.concatenate(feats) if feats else np.zeros((0, bb.dim), np.float32)
     return EmbedResult(features=f, indices=np.asarray(ok, dtype=np.int64), skipped=skipped)
+
+
+def files_hash(records: Sequence[Any]) -> str:
+    """Identity of a list of image files: path, label, domain, size and mtime of each (so an edited or
+    replaced file invalidates the cache, like a new manifest hash does for shards)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in records:
+        try:
+            st = os.stat(r.path)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        h.update(f"{r.path}|{r.label}|{r.domain}|{r.source}|{stamp}\n".encode())
+    return h.hexdigest()
+
+
+def extract_files(
+    sources: Sequence[Any],
+    backbone: str | Backbone = "mobilenetv2",
+    out_root: str | Path = "artifacts/features",
+    pooling: str = "avg",
+    engine: str = "auto",
+    batch_size: int = 64,
+    threads: int | None = None,
+    workers: int | None = None,
+    pretrained: bool = True,
+    device: str | None = None,
+    progress: bool = True,
+    draft: bool = True,
+) -> Path:
+    """Files -> feature cache in one pass, without writing shards first (``uniembed extract labels.csv``).
+
+    ``sources`` are the same specs ``uniembed prepare`` takes (labels.csv, imagefolder:DIR, gldv2:ROOT, ...).
+    For a one-off extraction this skips the shard pass (decode + resize + JPEG re-encode); shards still pay
+    off when several backbones, fine-tuning or the index read the same images. Same decode/resize/engine
+    as :func:`embed_paths`; undecodable files are skipped and counted in ``info.json``."""
+    global LAST_STATS
+    from uniembed.data.sources import DataError, parse_sources
+
+    t_start = time.perf_counter()
+    try:
+        records = [r for s in parse_sources(list(sources)) for r in s.records()]
+    except DataError as e:
+        raise ExtractError(str(e)) from e
+    if not records:
+        raise ExtractError(f"no images found in {', '.join(map(str, sources))}")
+    bb = (
+        backbone
+        if isinstance(backbone, Backbone)
+        else create_backbone(backbone, pretrained=pretrained, pooling=pooling)
+    )
+    fhash = files_hash(records)
+    out = feature_dir_for(out_root, bb, "files-" + fhash)
+    if is_complete(out):
+        info = json.loads((out / "info.json").read_text())
+        if (info.get("fingerprint"), info.get("manifest_hash"), info.get("draft")) == (
+            bb.fingerprint(), "files-" + fhash, draft,
+        ):
+            LAST_STATS = ExtractStats(
+                images=int(info.get("count", 0)), seconds=time.perf_counter() - t_start,
+                engine=str(info.get("engine", "")), cached=True, skipped=list(info.get("skipped", [])),
+            )
+            return out
+    runner_engine = resolve_engine(engine, device)
+    res = embed_paths(
+        [r.path for r in records], bb, engine=engine, batch_size=batch_size, threads=threads,
+        workers=workers, device=device, progress=progress, draft=draft,
+    )
+    labels = sorted({r.label for r in records})
+    label_id = {lab: i for i, lab in enumerate(labels)}
+    meta_rows = []
+    for i in res.indices.tolist():
+        r = records[i]
+        meta_rows.append({"key": f"{i:08d}", "path": r.path, "label": r.label, "label_id": label_id[r.label],
+                          "domain": r.domain, "source": r.source})
+    skipped = [{"path": records[i].path, "reason": reason} for i, reason in res.skipped]
+    seconds = time.perf_counter() - t_start
+    info = {
+        "backbone": bb.name,
+        "fingerprint": bb.fingerprint(),
+        "weights": bb.weights,
+        "weights_hash": bb.weights_hash,
+        "preprocess": bb.preprocess.to_dict(),
+        "pooling": bb.pooling,
+        "manifest_hash": "files-" + fhash,
+        "dataset_dir": None,
+        "sources": [str(s) for s in sources],
+        "engine": runner_engine,
+        "pipeline_version": PIPELINE_VERSION,
+        "draft": draft,
+        "images_per_s": round(len(records) / seconds, 2) if seconds > 0 else 0.0,
+        "skipped": skipped,
+        "skipped_counts": _count_reasons(skipped),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    write_feature_set(out, res.features, meta_rows, info, labels)
+    LAST_STATS = ExtractStats(images=len(records), seconds=seconds, engine=runner_engine, skipped=skipped)
+    return out
