@@ -87,35 +87,22 @@ def register(app: typer.Typer) -> None:
             (arg / "labels.csv").exists() and not (arg / "manifest.json").exists()
         )
         try:
+            common = dict(
+                backbone=backbone,
+                out_root=out,
+                pooling=pooling,
+                engine=engine,
+                batch_size=batch_size,
+                threads=threads,
+                workers=workers,
+                pretrained=not random_weights,
+                device=device,
+                progress=not quiet,
+            )
             if direct:
-                path = ex.extract_files(
-                    [dataset_dir],
-                    backbone=backbone,
-                    out_root=out,
-                    pooling=pooling,
-                    engine=engine,
-                    batch_size=batch_size,
-                    threads=threads,
-                    workers=workers,
-                    pretrained=not random_weights,
-                    device=device,
-                    progress=not quiet,
-                )
+                path = ex.extract_files([dataset_dir], **common)
             else:
-                path = ex.extract(
-                    dataset_dir,
-                    backbone=backbone,
-                    out_root=out,
-                    pooling=pooling,
-                    engine=engine,
-                    batch_size=batch_size,
-                    threads=threads,
-                    workers=workers,
-                    pretrained=not random_weights,
-                    device=device,
-                    compile=compile,
-                    progress=not quiet,
-                )
+                path = ex.extract(dataset_dir, compile=compile, **common)
         except (ex.ExtractError, DataError, KeyError, ValueError, FileNotFoundError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             typer.echo(f"extract failed: {msg}", err=True)

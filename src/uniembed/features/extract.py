@@ -483,18 +483,8 @@ def extract(
     )
     fp = bb.fingerprint()
     out = feature_dir_for(out_root, bb, mhash)
-    if is_complete(out):
-        info = json.loads((out / "info.json").read_text())
-        same = (info.get("fingerprint"), info.get("manifest_hash"), info.get("draft")) == (fp, mhash, draft)
-        if same:
-            LAST_STATS = ExtractStats(
-                images=int(info.get("count", 0)),
-                seconds=time.perf_counter() - t_start,
-                engine=str(info.get("engine", "")),
-                cached=True,
-                skipped=list(info.get("skipped", [])),
-            )
-            return out
+    if _cache_hit(out, fp, mhash, draft, t_start):
+        return out
 
     out.mkdir(parents=True, exist_ok=True)
     parts = out / "parts"
@@ -534,30 +524,55 @@ def extract(
     if not meta_rows:
         raise ExtractError(f"no decodable images in {ds} ({len(skipped)} skipped)")
     stats.skipped = skipped
-    info = {
-        "backbone": bb.name,
-        "fingerprint": fp,
-        "weights": bb.weights,
-        "weights_hash": bb.weights_hash,
-        "preprocess": bb.preprocess.to_dict(),
-        "pooling": bb.pooling,
-        "manifest_hash": mhash,
-        "dataset_dir": str(ds),
-        "engine": stats.engine,
-        "pipeline_version": PIPELINE_VERSION,
-        "draft": draft,
-        "images_per_s": round(stats.images_per_s, 2),
-        "reused_shards": reused,
-        "skipped": skipped,
-        "skipped_counts": _count_reasons(skipped),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    info = _feature_info(bb, mhash, str(ds), stats, draft, reused_shards=reused)
     write_feature_set(out, np.concatenate(feats_l), meta_rows, info, list(manifest.get("labels", [])))
     for p in parts.glob("*"):
         p.unlink()
     parts.rmdir()
     LAST_STATS = stats
     return out
+
+
+def _cache_hit(out: Path, fp: str, mhash: str, draft: bool, t_start: float) -> bool:
+    """True (and LAST_STATS says so) when ``out`` already holds this feature function on this data."""
+    global LAST_STATS
+    if not is_complete(out):
+        return False
+    info = json.loads((out / "info.json").read_text())
+    if (info.get("fingerprint"), info.get("manifest_hash"), info.get("draft")) != (fp, mhash, draft):
+        return False
+    LAST_STATS = ExtractStats(
+        images=int(info.get("count", 0)),
+        seconds=time.perf_counter() - t_start,
+        engine=str(info.get("engine", "")),
+        cached=True,
+        skipped=list(info.get("skipped", [])),
+    )
+    return True
+
+
+def _feature_info(
+    bb: Backbone, mhash: str, dataset_dir: str | None, stats: ExtractStats, draft: bool, **extra: Any
+) -> dict:
+    """info.json of a feature dir: what computed the features, on which data, how fast, what was skipped."""
+    return {
+        "backbone": bb.name,
+        "fingerprint": bb.fingerprint(),
+        "weights": bb.weights,
+        "weights_hash": bb.weights_hash,
+        "preprocess": bb.preprocess.to_dict(),
+        "pooling": bb.pooling,
+        "manifest_hash": mhash,
+        "dataset_dir": dataset_dir,
+        "engine": stats.engine,
+        "pipeline_version": PIPELINE_VERSION,
+        "draft": draft,
+        "images_per_s": round(stats.images_per_s, 2),
+        **extra,
+        "skipped": stats.skipped,
+        "skipped_counts": _count_reasons(stats.skipped),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
 
 def _count_reasons(skipped: list[dict]) -> dict[str, int]:
@@ -795,50 +810,44 @@ def extract_files(
         if isinstance(backbone, Backbone)
         else create_backbone(backbone, pretrained=pretrained, pooling=pooling)
     )
-    fhash = files_hash(records)
-    out = feature_dir_for(out_root, bb, "files-" + fhash)
-    if is_complete(out):
-        info = json.loads((out / "info.json").read_text())
-        if (info.get("fingerprint"), info.get("manifest_hash"), info.get("draft")) == (
-            bb.fingerprint(), "files-" + fhash, draft,
-        ):
-            LAST_STATS = ExtractStats(
-                images=int(info.get("count", 0)), seconds=time.perf_counter() - t_start,
-                engine=str(info.get("engine", "")), cached=True, skipped=list(info.get("skipped", [])),
-            )
-            return out
-    runner_engine = resolve_engine(engine, device)
+    mhash = "files-" + files_hash(records)
+    out = feature_dir_for(out_root, bb, mhash)
+    if _cache_hit(out, bb.fingerprint(), mhash, draft, t_start):
+        return out
     res = embed_paths(
-        [r.path for r in records], bb, engine=engine, batch_size=batch_size, threads=threads,
-        workers=workers, device=device, progress=progress, draft=draft,
+        [r.path for r in records],
+        bb,
+        engine=engine,
+        batch_size=batch_size,
+        threads=threads,
+        workers=workers,
+        device=device,
+        progress=progress,
+        draft=draft,
     )
     labels = sorted({r.label for r in records})
     label_id = {lab: i for i, lab in enumerate(labels)}
     meta_rows = []
     for i in res.indices.tolist():
         r = records[i]
-        meta_rows.append({"key": f"{i:08d}", "path": r.path, "label": r.label, "label_id": label_id[r.label],
-                          "domain": r.domain, "source": r.source})
+        meta_rows.append(
+            {
+                "key": f"{i:08d}",
+                "path": r.path,
+                "label": r.label,
+                "label_id": label_id[r.label],
+                "domain": r.domain,
+                "source": r.source,
+            }
+        )
     skipped = [{"path": records[i].path, "reason": reason} for i, reason in res.skipped]
-    seconds = time.perf_counter() - t_start
-    info = {
-        "backbone": bb.name,
-        "fingerprint": bb.fingerprint(),
-        "weights": bb.weights,
-        "weights_hash": bb.weights_hash,
-        "preprocess": bb.preprocess.to_dict(),
-        "pooling": bb.pooling,
-        "manifest_hash": "files-" + fhash,
-        "dataset_dir": None,
-        "sources": [str(s) for s in sources],
-        "engine": runner_engine,
-        "pipeline_version": PIPELINE_VERSION,
-        "draft": draft,
-        "images_per_s": round(len(records) / seconds, 2) if seconds > 0 else 0.0,
-        "skipped": skipped,
-        "skipped_counts": _count_reasons(skipped),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    stats = ExtractStats(
+        images=len(records),
+        seconds=time.perf_counter() - t_start,
+        engine=resolve_engine(engine, device),
+        skipped=skipped,
+    )
+    info = _feature_info(bb, mhash, None, stats, draft, sources=[str(s) for s in sources])
     write_feature_set(out, res.features, meta_rows, info, labels)
-    LAST_STATS = ExtractStats(images=len(records), seconds=seconds, engine=runner_engine, skipped=skipped)
+    LAST_STATS = stats
     return out
