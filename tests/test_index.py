@@ -15,6 +15,7 @@ from uniembed.cli import app
 from uniembed.export.embedder import ModelError, file_fingerprint, load_embedder
 from uniembed.serve import index as index_mod
 from uniembed.serve.index import (
+    IVF_MAX_NLIST,
     ImageIndex,
     ImageIndexError,
     ModelMismatchError,
@@ -177,7 +178,8 @@ def test_auto_type_and_default_params() -> None:
     assert choose_index_type(50_000) == "hnsw"
     assert choose_index_type(2_000_000) == "ivf"
     p = default_params("ivf", 1_000_000, 64)
-    assert p["nlist"] == 4000 and 1 <= p["nprobe"] <= p["nlist"]
+    # 4*sqrt(N) = 4000 lists, capped so k-means training stays affordable; nprobe = nlist/32
+    assert p["nlist"] == IVF_MAX_NLIST == 1024 and p["nprobe"] == 32
     assert default_params("ivf", 1000, 64)["nlist"] == 1000 // 39  # enough training points per list
     assert default_params("ivfpq", 100_000, 64)["pq_m"] == 16
     assert default_params("ivfpq", 100_000, 64)["pq_bits"] == 8

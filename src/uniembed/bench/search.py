@@ -228,10 +228,10 @@ def search_ann_project(cfg: BenchConfig, progress: ProgressFile) -> dict:
     _timed_search(index, eval_q[:50], cfg.k, chosen)  # warm caches
     ids, dt = _timed_search(index, eval_q, cfg.k, chosen)
     recall = recall_at_k(ids, gt_eval)
-    # The project's rule for nprobe (serve.index.default_params) applied to this nlist.
-    rule_nprobe = int(min(nlist, max(8, nlist // 8)))
-    ids_rule, dt_rule = _timed_search(index, eval_q, cfg.k, rule_nprobe)
+    # The project's own defaults (serve.index.default_params) for this many vectors, and their nprobe here.
     defaults_2m = default_params("ivf", base.shape[0], cfg.dim)
+    rule_nprobe = int(min(nlist, defaults_2m["nprobe"]))
+    ids_rule, dt_rule = _timed_search(index, eval_q, cfg.k, rule_nprobe)
     return {
         "figure": len(eval_q) / dt,
         "unit": "queries/s",
