@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from uniembed.data.sources import write_labels_csv
 from uniembed.paths import shared_data_dir
 from uniembed.serve.background import CHROMIUM_ARGS, ServerProcess, find_chromium
 
@@ -57,10 +58,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     index_rows, queries = split_rows()
     index_csv = args.out / "index_labels.csv"
-    with open(index_csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "label", "domain"])
-        w.writeheader()
-        w.writerows({k: r[k] for k in ("path", "label", "domain")} for r in index_rows)
+    write_labels_csv(index_csv, index_rows)
     uniembed = str(Path(sys.executable).parent / "uniembed")
     idx = args.out / "index"
     subprocess.run(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from uniembed.data.sources import write_labels_csv
 from uniembed.paths import shared_data_dir
 
 SHARED = shared_data_dir()
@@ -47,8 +48,5 @@ def small_labels_csv(shared_data: Path, tmp_path_factory: pytest.TempPathFactory
                 picked.append(
                     {"path": str(shared_data / sub / r["path"]), "label": r["label"], "domain": dom}
                 )
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "label", "domain"])
-        w.writeheader()
-        w.writerows(picked)
+    write_labels_csv(out, picked)
     return out

@@ -16,6 +16,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from run_dirs import write_head_run
+from uniembed.data.sources import write_labels_csv
 from uniembed.eval.evaluate import EvalError, evaluate
 from uniembed.eval.metrics import retrieval_metrics
 from uniembed.features.store import write_feature_set
@@ -181,15 +182,11 @@ def _synthetic_images(root: Path) -> list[dict]:
 
 
 def test_saved_model_on_labels_csv_and_shards(tiny_model: Path, tmp_path: Path) -> None:
-    import csv
 
     img = tmp_path / "imgs"
     img.mkdir()
     rows = _synthetic_images(img)
-    with open(img / "labels.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "label", "domain"])
-        w.writeheader()
-        w.writerows(rows)
+    write_labels_csv(img / "labels.csv", rows)
     res = evaluate(tiny_model, img / "labels.csv", tmp_path / "e1", progress=False)
     assert res["source_kind"] == "saved_model" and res["split"] == "all"
     assert res["n_images"] == 16 and sum(res["skipped"].values()) == 1

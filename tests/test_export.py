@@ -19,6 +19,7 @@ from PIL import Image
 from torchvision.transforms import PILToTensor
 
 from run_dirs import write_head_run
+from uniembed.data.sources import write_labels_csv
 
 pytestmark = pytest.mark.shared_data
 
@@ -37,10 +38,7 @@ def subset_csv(small_labels_csv: Path, tmp_path_factory: pytest.TempPathFactory)
             labs.append(r["label"])
     keep = [r for r in rows if r["label"] in per_dom[r["domain"]]]
     out = tmp_path_factory.mktemp("subset") / "labels.csv"
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "label", "domain"])
-        w.writeheader()
-        w.writerows(keep)
+    write_labels_csv(out, keep)
     return out
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from uniembed.data.sources import write_labels_csv
+
 pytestmark = pytest.mark.slow
 
 
@@ -55,10 +57,7 @@ def test_real_model_index_search_and_parity(
         rows = list(csv.DictReader(f))
     subset = tmp_path / "labels.csv"
     picked = rows[::2]  # 2 images per label, all three domains
-    with open(subset, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "label", "domain"])
-        w.writeheader()
-        w.writerows(picked)
+    write_labels_csv(subset, picked)
 
     res = build_index(mobilenet_model, [subset], tmp_path / "idx", batch_size=8, progress=False)
     assert res.count == len(picked) and res.index_type == "flat"

@@ -17,6 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from uniembed.data.sources import write_labels_csv
 from uniembed.paths import repo_root
 
 METHOD_LABELS = {"raw": "raw backbone features", "pca64": "PCA-64 of those", "head": "trained 64-d head"}
@@ -69,11 +70,7 @@ def subset_labels_csv(
             for p in sorted(paths[:images_per_label]):
                 rows.append({"path": p, "label": lab, "domain": dom})
         counts[dom] = min(len(labels), labels_per_domain)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "label", "domain"])
-        w.writeheader()
-        w.writerows(rows)
+    write_labels_csv(out_csv, rows)
     return counts
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from uniembed.bench.common import BenchConfig, ProgressFile
+from uniembed.data.sources import write_labels_csv
 
 
 class BenchDataError(RuntimeError):
@@ -68,11 +69,7 @@ def select_images(cfg: BenchConfig) -> list[dict]:
 def write_subset_csv(cfg: BenchConfig, rows: list[dict]) -> Path:
     """labels.csv (absolute paths) of the subset: the project's ``prepare`` reads it."""
     out = cfg.work_dir / "images.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "label", "domain"])
-        w.writeheader()
-        w.writerows(rows)
+    write_labels_csv(out, rows)
     return out
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +74,21 @@ class Source:
     def describe(self) -> str:
         opts = "".join(f":{k}={v}" for k, v in sorted(self.options.items()))
         return f"{self.kind}:{self.root}{opts}"
+
+
+LABELS_CSV_FIELDS = ["path", "label", "domain"]
+
+
+def write_labels_csv(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    """Write a labels.csv (``path,label,domain``; other keys of ``rows`` are ignored) that ``labels.csv``
+    sources, ``prepare``, ``extract`` and ``index`` read back."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LABELS_CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return out
 
 
 def is_image_file(name: str) -> bool:
