@@ -141,6 +141,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224, help="square input size (squash resize)")
     ap.add_argument("--aug", type=int, default=0, help="number of augmented views per image (0 = clean)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--flip", action="store_true", help="also store the mirrored image's blocks (keys *_f)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--limit", type=int, default=0, help="first N images only (smoke test)")
@@ -165,7 +166,9 @@ def main() -> None:
     prep = ImagePreprocessor(PreprocessConfig(input_size=args.size, **pre))
     views = max(1, args.aug)
     g = torch.Generator().manual_seed(args.seed)
-    kinds = ("avg", "gem", "s1", "s2", "s3")
+    kinds: tuple[str, ...] = ("avg", "gem", "s1", "s2", "s3")
+    if args.flip:  # test-time augmentation research: the horizontally mirrored input, same blocks
+        kinds = kinds + tuple(f"{k}_f" for k in kinds)
     store: dict[str, list[list[np.ndarray]]] = {k: [[] for _ in range(views)] for k in kinds}
     bad = 0
     t0 = time.time()
@@ -183,11 +186,12 @@ def main() -> None:
                 batch = torch.cat(
                     [prep(augment(im, g)[None] if args.aug else im[None]) for im in imgs], dim=0
                 )
-                maps = tap(batch)
-                store["avg"][v].append(maps[0].mean(dim=(2, 3)).numpy())
-                store["gem"][v].append(gem(maps[0]).numpy())
-                for k, m in zip(("s1", "s2", "s3"), maps[1:], strict=True):
-                    store[k][v].append(m.mean(dim=(2, 3)).numpy())
+                for suffix, inp in (("", batch), ("_f", batch.flip(-1)))[: 2 if args.flip else 1]:
+                    maps = tap(inp)
+                    store["avg" + suffix][v].append(maps[0].mean(dim=(2, 3)).numpy())
+                    store["gem" + suffix][v].append(gem(maps[0]).numpy())
+                    for k, m in zip(("s1", "s2", "s3"), maps[1:], strict=True):
+                        store[k + suffix][v].append(m.mean(dim=(2, 3)).numpy())
     arrays = {}
     for k, per_view in store.items():
         a = np.stack([np.concatenate(x) for x in per_view]).astype(np.float16)
@@ -196,6 +200,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = f"{args.backbone}-{args.size}" + (f"-aug{args.aug}" if args.aug else "")
     name += f"-stride{args.stride}" if args.stride > 1 else ""
+    name += "-flip" if args.flip else ""
     name += "-smoke" if args.limit else ""
     np.savez(
         out / f"{name}.npz",

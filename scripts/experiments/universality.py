@@ -64,7 +64,25 @@ def _combine(parts: list[np.ndarray], blocknorm: bool) -> np.ndarray:
     return np.concatenate(parts, axis=-1).astype(np.float32)
 
 
-def load_data(feats: str, keys: str, blocknorm: bool, aug_feats: str | None, root: str) -> Data:
+POWER = 1.0  # set from --power in run()
+
+
+def _block(z, key: str, tta: str) -> np.ndarray:
+    """One pooled block; ``tta='flip'`` averages it with the mirrored image's block (``<key>_f``, cached by
+    ``cache_features.py --flip``), i.e. the pooled map of the image and of its mirror image, averaged."""
+    a = z[key].astype(np.float32)
+    if tta == "flip":
+        if f"{key}_f" not in z:
+            raise SystemExit(f"--tta flip needs a cache made with --flip (no {key}_f)")
+        a = (a + z[f"{key}_f"].astype(np.float32)) / 2
+    if POWER != 1.0:  # power normalisation of the (non-negative, ReLU) pooled features
+        a = np.sign(a) * np.abs(a) ** POWER
+    return a
+
+
+def load_data(
+    feats: str, keys: str, blocknorm: bool, aug_feats: str | None, root: str, tta: str = "none"
+) -> Data:
     """``feats``: name of an npz under ``root`` (e.g. ``mobilenetv2-224``) or a library feature dir."""
     p = Path(feats)
     if p.is_dir():
@@ -74,9 +92,22 @@ def load_data(feats: str, keys: str, blocknorm: bool, aug_feats: str | None, roo
         names = fs.label_names
         labels = np.array([names[i] if names else str(i) for i in fs.labels])
         return Data(fs.float32(), None, labels, fs.domains)
-    z = np.load(Path(root) / f"{feats}.npz")
     ks = keys.split("+")
-    x = _combine([z[k].astype(np.float32) for k in ks], blocknorm)
+    if "," in feats:  # several caches of the same images (backbones / resolutions): blocks of all, joined
+        # ``name@k1+k2`` picks that cache's own blocks; a bare name takes --keys.
+        specs = [(f.split("@")[0], f.split("@")[1].split("+") if "@" in f else ks) for f in feats.split(",")]
+        zs = [np.load(Path(root) / f"{n}.npz") for n, _ in specs]
+        for (n, _), zz in zip(specs[1:], zs[1:], strict=True):
+            if zz["paths"].tolist() != zs[0]["paths"].tolist():
+                raise SystemExit(f"{n}: rows differ from {specs[0][0]}")
+        x = _combine(
+            [_block(zz, k, tta) for zz, (_, kk) in zip(zs, specs, strict=True) for k in kk], blocknorm
+        )
+        if aug_feats:
+            raise SystemExit("--aug-feats takes a single --feats cache")
+        return Data(x, None, zs[0]["labels"], zs[0]["domains"])
+    z = np.load(Path(root) / f"{feats}.npz")
+    x = _combine([_block(z, k, tta) for k in ks], blocknorm)
     aug = None
     if aug_feats:
         # Augmented views may cover a subset of the rows (cache_features.py --stride): rows without views
@@ -245,9 +276,18 @@ def train_head(
         from uniembed.models.losses import build_loss
 
         lib_loss = build_loss(
-            {"type": "arcface", "scale": a.arc_s, "margin": a.arc_m, "margin_weight": a.arc_w,
-             "distill_weight": a.kd_w, "centers_init_std": a.lib_centers_std,
-             "distill_center": a.kd_center == 2}, len(uniq), a.dim)
+            {
+                "type": "arcface",
+                "scale": a.arc_s,
+                "margin": a.arc_m,
+                "margin_weight": a.arc_w,
+                "distill_weight": a.kd_w,
+                "centers_init_std": a.lib_centers_std,
+                "distill_center": a.kd_center == 2,
+            },
+            len(uniq),
+            a.dim,
+        )
         arc = lib_loss
     params = [
         {"params": head.parameters(), "lr": a.lr, "weight_decay": a.wd},
@@ -267,11 +307,25 @@ def train_head(
     warm = steps_per_epoch  # one warm-up epoch, then cosine to 0 (the trainer's ``schedule: cosine``)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
-        lambda i: (i + 1) / warm if i < warm else 0.5 * (1 + np.cos(np.pi * (i - warm) / max(1, total - warm))),  # noqa: E501
+        lambda i: (
+            (i + 1) / warm if i < warm else 0.5 * (1 + np.cos(np.pi * (i - warm) / max(1, total - warm)))
+        ),  # noqa: E501
     )
+    nbrs = None
+    if a.nbr_batch > 1:
+        # Each row's nearest training rows by (centred) teacher cosine, itself first: batches built from
+        # these make the distillation term about *local* order, which is what top-5 retrieval reads.
+        sims = teacher @ teacher.T
+        nbrs = sims.topk(a.nbr_batch, dim=1).indices
+        nbrs[:, 0] = torch.arange(len(teacher))
     head.train()
     for _ in range(total):
-        idx = torch.multinomial(w, a.batch, replacement=True)
+        if nbrs is not None:  # neighbourhood batches: anchors + their nearest teacher neighbours
+            n_anchor = max(1, a.batch // a.nbr_batch)
+            anchors = torch.multinomial(w, n_anchor, replacement=True)
+            idx = nbrs[anchors, : a.nbr_batch].reshape(-1)
+        else:
+            idx = torch.multinomial(w, a.batch, replacement=True)
         xb = xt[idx]
         if at is not None and a.aug_input > 0:  # feed augmented views as inputs (where a row has them)
             v = at[torch.randint(0, at.shape[0], (1,)).item(), idx]
@@ -337,8 +391,14 @@ def mp5(e: np.ndarray, labels: np.ndarray) -> float:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--feats", required=True, help="npz name under --root, or a library feature directory")
+    ap.add_argument(
+        "--feats",
+        required=True,
+        help="npz name(s) under --root (comma: join caches), or a library feature dir",
+    )
     ap.add_argument("--keys", default="avg", help="pooled blocks to concatenate, e.g. avg, gem, gem+s1")
+    ap.add_argument("--tta", default="none", choices=["none", "flip"], help="average with mirrored view")
+    ap.add_argument("--power", type=float, default=1.0, help="power-normalise pooled blocks (0.5 = sqrt)")
     ap.add_argument("--blocknorm", type=int, default=1, help="L2-normalise each block before concatenating")
     ap.add_argument("--aug-feats", default=None, help="npz of augmented views (same rows) for SSL/aug input")
     ap.add_argument("--root", default="/tmp/research/feats")
@@ -362,6 +422,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ssl-tau", type=float, default=0.1)
     ap.add_argument("--ssl-pair", default="aug", choices=["aug", "clean"])
     ap.add_argument("--aug-input", type=float, default=0.0, help="P(batch input is an augmented view)")
+    ap.add_argument("--nbr-batch", type=int, default=0, help="batches of anchors + k-1 teacher neighbours")
     ap.add_argument("--balance", default="none", choices=["none", "domain", "class", "domain+class"])
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--batch", type=int, default=256)
@@ -381,7 +442,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def run(a: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     t0 = time.time()
-    d = load_data(a.feats, a.keys, bool(a.blocknorm), a.aug_feats, a.root)
+    global POWER
+    POWER = a.power
+    d = load_data(a.feats, a.keys, bool(a.blocknorm), a.aug_feats, a.root, a.tta)
     held = label_split(d.labels, d.domains, a.split_seed)
     out: dict = {"leftout": {}, "unseen": {}, "lodo_seen": {}}
     # Left-out domain rotations (seen domains: training labels only).
@@ -421,8 +484,9 @@ def main(argv: list[str] | None = None) -> None:
         f.write(json.dumps(rec) + "\n")
     lo = " ".join(f"{k}={v:.3f}" for k, v in res["leftout"].items())
     un = " ".join(f"{k}={v:.3f}" for k, v in res["unseen"].items())
-    print(f"[{a.name}] leftout {lo} avg={res['leftout_avg']:.3f} | unseen {un} | {res['seconds']}s",
-          flush=True)
+    print(
+        f"[{a.name}] leftout {lo} avg={res['leftout_avg']:.3f} | unseen {un} | {res['seconds']}s", flush=True
+    )
 
 
 if __name__ == "__main__":

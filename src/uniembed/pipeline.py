@@ -20,7 +20,21 @@ from rich.table import Table
 from uniembed.data.sources import write_labels_csv
 from uniembed.paths import repo_root
 
-METHOD_LABELS = {"raw": "raw backbone features", "pca64": "PCA-64 of those", "head": "trained 64-d head"}
+METHOD_LABELS = {
+    "raw": "raw backbone features",
+    "pca64": "PCA-64 of those",
+    "head": "trained 64-d head",
+    "raw_cnn": "raw CNN features (no colour block)",
+    "pca64_cnn": "PCA-64 of the CNN features",
+}
+
+
+def baselines_for(pooling: str) -> list[str]:
+    """Baselines scored beside the head: raw and PCA-64 of its input features and, for a ``+colour``
+    pooling, of the CNN features alone (the backbone's own raw features, issue #6's yardstick)."""
+    from uniembed.models.colour import split_colour
+
+    return ["raw", "pca64"] + (["raw_cnn", "pca64_cnn"] if split_colour(pooling)[1] else [])
 
 
 @dataclass
@@ -200,7 +214,7 @@ def build_model(
         run,
         out_dir=out / "evaluation",
         split="val",
-        compare=["raw", "pca64"],
+        compare=baselines_for(base.pooling),
     )
     report["unseen_labels"] = mp5_table("mP@5, unseen labels of the training domains", ev, console)
     if lodo:
@@ -219,7 +233,7 @@ def build_model(
                 out_dir=out / "evaluation" / f"lodo-{left_out}",
                 split="val",
                 domains=[left_out],
-                compare=["raw", "pca64"],
+                compare=baselines_for(base.pooling),
                 progress=False,
             )
             per = mp5_table(f"mP@5 on {left_out}, trained on {', '.join(cfg.train_domains)}", e, console)

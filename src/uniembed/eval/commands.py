@@ -54,7 +54,8 @@ def register(app: typer.Typer) -> None:
             "--compare",
             "",
             "Comma-separated baselines scored on the same images: raw (L2-normalised backbone features) "
-            "and/or pca<k> (e.g. pca64, fitted on the training labels). Needs features.",
+            "and/or pca<k> (e.g. pca64, fitted on the training labels); raw_cnn / pca<k>_cnn score them "
+            "without the colour block of '+colour' features. Needs features.",
         ),
         batch_size: int = typer.Option(
             32, "--batch-size", min=1, help="Images per batch when embedding images with a model."

@@ -28,6 +28,8 @@ import numpy as np
 
 SPLITS = ("auto", "val", "all")
 BASELINES = ("raw", "pca64")
+#: ``raw_cnn`` / ``pca64_cnn``: the baseline on the CNN columns only (features of a ``+colour`` pooling).
+CNN_SUFFIX = "_cnn"
 PROTOCOL = (
     "leave-one-out: every selected image queries all other selected images; Euclidean k-NN on "
     "the embeddings; mP@5 = precision over the top min(n_q, 5); queries whose label has no other "
@@ -216,6 +218,13 @@ def _image_stream(
 # ------------------------------------------------------------------------------------------- methods
 
 
+def _colour_dim(info: dict) -> int:
+    """Width of the colour-histogram block at the end of ``+colour`` features (0 without one)."""
+    from uniembed.models.colour import COLOUR_BINS, split_colour
+
+    return COLOUR_BINS**3 if split_colour(str(info.get("pooling") or ""))[1] else 0
+
+
 def _l2(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -286,8 +295,12 @@ def evaluate(
         raise EvalError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
     compare = [c.strip() for c in compare if c.strip()]
     for c in compare:
-        if not (c == "raw" or (c.startswith("pca") and c[3:].isdigit())):
-            raise EvalError(f"unknown --compare method {c!r}; known: raw, pca<k> (e.g. pca64)")
+        base_c = c.removesuffix(CNN_SUFFIX)
+        if not (base_c == "raw" or (base_c.startswith("pca") and base_c[3:].isdigit())):
+            raise EvalError(
+                f"unknown --compare method {c!r}; known: raw, pca<k> (e.g. pca64), and raw_cnn / pca<k>_cnn "
+                "(the same without the colour block of a '+colour' pooling)"
+            )
     if kind == "features":
         if dkind not in (None, "features"):
             raise EvalError("a feature dir source is evaluated on its own features; drop --data")
@@ -453,8 +466,21 @@ def evaluate(
         )
 
     if feats is not None:
+        colour_dim = _colour_dim(fs.info if fs is not None else {})
         for c in compare:
-            methods[c], notes[c] = baseline_embeddings(c, feats, fit_feats)
+            if c.endswith(CNN_SUFFIX):
+                if not colour_dim:
+                    raise EvalError(
+                        f"--compare {c}: the features have no colour block (pooling "
+                        f"{(fs.info if fs is not None else {}).get('pooling')!r}; '_cnn' baselines need "
+                        "a '+colour' pooling)"
+                    )
+                methods[c], notes[c] = baseline_embeddings(
+                    c.removesuffix(CNN_SUFFIX), feats[:, :-colour_dim], fit_feats[:, :-colour_dim]
+                )
+                notes[c] += f" (CNN part only: the last {colour_dim} colour-histogram columns dropped)"
+            else:
+                methods[c], notes[c] = baseline_embeddings(c, feats, fit_feats)
 
     if len(items) == 0:
         raise EvalError("no images selected (check --split / --domains and the data)")

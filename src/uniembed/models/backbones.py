@@ -346,10 +346,11 @@ def imagenet_logits(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
     Always average-pools the last map (that is what the classifier was trained on), whatever the pooling
     of the backbone's features."""
     fc = backbone.info.get("classifier")
-    if fc is None or not isinstance(backbone.module, CNNFeatureNet):
+    net = getattr(backbone.module, "net", backbone.module)  # a ``+colour`` wrapper keeps the CNN as .net
+    if fc is None or not isinstance(net, CNNFeatureNet):
         raise ValueError(f"backbone {backbone.name!r} has no ImageNet classifier")
     with torch.no_grad():
-        return fc(backbone.module.feature_map(x).mean(dim=(2, 3)))
+        return fc(net.feature_map(x).mean(dim=(2, 3)))
 
 
 # --------------------------------------------------------------------------------------------- hubs

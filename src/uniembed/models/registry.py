@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from uniembed.models.colour import ColourHistogram, WithColour, split_colour
 from uniembed.models.preprocess import ImagePreprocessor, PreprocessConfig
 
 
@@ -69,6 +70,8 @@ def create_backbone(name: str, *, pretrained: bool = True, pooling: str = "avg",
     ``timm:vit_base_patch16_224``, ``open_clip:ViT-H-14/laion2b_s32b_b79k``.
     ``pretrained=False`` gives random weights from a fixed seed (offline tests)."""
     _ensure_loaded()
+    full_pooling = pooling
+    pooling, colour = split_colour(pooling)
     if name in _REGISTRY:
         build = functools.partial(_REGISTRY[name], pretrained=pretrained, pooling=pooling, **kwargs)
     elif ":" in name and name.split(":", 1)[0] in _PREFIX_REGISTRY:
@@ -88,9 +91,27 @@ def create_backbone(name: str, *, pretrained: bool = True, pooling: str = "avg",
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             bb = build()
+    if colour:
+        bb = _add_colour(bb, full_pooling)
     bb.module.eval()
     for p in bb.module.parameters():
         p.requires_grad_(False)
+    return bb
+
+
+def _add_colour(bb: Backbone, pooling: str) -> Backbone:
+    """``<pooling>+colour``: append the joint RGB histogram block (models/colour.py) to the CNN features."""
+    pre = bb.preprocess
+    # The block reads the normalised input back as [0,1] RGB: x * scale = x_n * std + mean, so
+    # x / 255 = x_n * std / k + mean / k with k = 255 * scale.
+    k = pre.scale * 255.0
+    hist = ColourHistogram(
+        tuple(m / k for m in pre.mean), tuple(s / k for s in pre.std)  # type: ignore[arg-type]
+    )
+    bb.module = WithColour(bb.module, hist)
+    bb.dim += hist.dim
+    bb.pooling = pooling
+    bb.info = {**bb.info, "colour": {"bins": hist.bins, "weight": hist.weight, "dim": hist.dim}}
     return bb
 
 

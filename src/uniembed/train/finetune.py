@@ -36,8 +36,13 @@ def backbone_blocks(module: nn.Module) -> list[nn.Module]:
 
     Our CNN backbones (``CNNFeatureNet``) keep the trunk in ``.body`` (for MobileNetV2: the 19 children of
     torchvision's ``features``); timm models expose ``blocks`` (ViT), ``stages`` or ``layers``; a plain
-    ``nn.Sequential`` uses its children.
+    ``nn.Sequential`` uses its children. A ``+colour`` backbone's CNN is its ``.net`` (the colour block has no
+    weights).
     """
+    from uniembed.models.colour import WithColour
+
+    if isinstance(module, WithColour):
+        module = module.net
     for path in (
         "body",
         "model.blocks",

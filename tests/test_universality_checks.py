@@ -1,0 +1,52 @@
+"""Issue #6 acceptance checks on synthetic `uniembed model` reports (real run: test_model_universality)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from uniembed.eval.universality import check_model_dir, universality_checks
+from uniembed.paths import repo_root
+
+
+def _report(head_lodo, raw_cnn, pca_cnn, unseen_head) -> dict:
+    doms = ("pg", "produce", "toys")
+    lodo = {
+        d: {"head": h, "raw": 0.99, "pca64": 0.98, "raw_cnn": r, "pca64_cnn": p}
+        for d, h, r, p in zip(doms, head_lodo, raw_cnn, pca_cnn, strict=True)
+    }
+    unseen = {"head": {**dict(zip(doms, unseen_head, strict=True)), "all": 0.5}, "raw": {"pg": 1.0}}
+    return {"leave_one_domain_out": lodo, "unseen_labels": unseen}
+
+
+def test_checks_use_the_cnn_columns_and_their_thresholds() -> None:
+    ok = universality_checks(_report([0.8, 0.8, 0.9], [0.7, 0.9, 0.9], [0.79, 0.7, 0.8], [0.95, 0.96, 1.0]))
+    assert [c.passed for c in ok] == [True, True, True]
+    assert "raw_cnn" in ok[1].name and "0.833 vs 0.833" in ok[1].detail  # a tie "matches"
+    # one domain at PCA level fails check 1; a lower mean fails check 2; 0.949 fails check 3
+    bad = universality_checks(_report([0.79, 0.8, 0.9], [0.7, 0.95, 0.9], [0.79, 0.7, 0.8], [0.949, 1, 1]))
+    assert [c.passed for c in bad] == [False, False, False]
+    # without colour columns the plain raw / pca64 are the backbone's features
+    plain = _report([0.8, 0.8, 0.9], [0, 0, 0], [0, 0, 0], [1, 1, 1])
+    for v in plain["leave_one_domain_out"].values():
+        del v["raw_cnn"], v["pca64_cnn"]
+    checks = universality_checks(plain)
+    assert "pca64" in checks[0].name and not checks[0].passed and not checks[1].passed
+    with pytest.raises(ValueError, match="--lodo"):
+        universality_checks({"unseen_labels": {}})
+
+
+def test_script_exit_status(tmp_path: Path) -> None:
+    script = repo_root() / "scripts" / "check_universality.py"
+    (tmp_path / "report.json").write_text(
+        json.dumps(_report([0.8, 0.8, 0.9], [0.7, 0.9, 0.9], [0.79, 0.7, 0.8], [0.9, 0.96, 1.0]))
+    )
+    r = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout.count("PASS") == 2 and "FAIL  unseen-label" in r.stdout
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "none")], capture_output=True, text=True)
+    assert r.returncode == 2 and "make model" in r.stderr
+    assert len(check_model_dir(tmp_path)) == 3
