@@ -7,8 +7,9 @@ joins it to the CNN blocks. The library's own block (``pooling: <...>+colour``, 
 the 8x8x8 sqrt histogram inside the model from its 224 px input; this research version resizes the file to
 64x64 instead (same bins, slightly different pixels).
 
-Keys: ``h4`` / ``h8`` joint histograms with 4 / 8 bins a channel, ``h4g`` a 2x2 grid of 4x4x4 histograms;
-``*s`` the same square-rooted (Hellinger), which is what the sweeps use.
+Keys: ``h4`` / ``h8`` / ``h16`` joint histograms with 4 / 8 / 16 bins a channel, ``h4g`` / ``h8g`` a 2x2 grid
+of them, ``h8c`` the centre quarter only, ``hsv`` 18 hue x 3 saturation x 3 value bins; ``*s`` the same
+square-rooted (Hellinger), which is what the sweeps use.
 
 Example::
 
@@ -28,19 +29,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cache_features import read_rows  # noqa: E402
 
 
+def joint(a: np.ndarray, b: int) -> np.ndarray:
+    """Joint RGB histogram of uint8 pixels [..., 3] with ``b`` bins a channel (sums to 1)."""
+    q = (a * b) // 256
+    idx = (q[..., 0] * b + q[..., 1]) * b + q[..., 2]
+    return np.bincount(idx.ravel(), minlength=b**3) / idx.size
+
+
 def histograms(path: str) -> dict[str, np.ndarray]:
     with Image.open(path) as im:
-        a = np.asarray(ImageOps.exif_transpose(im).convert("RGB").resize((64, 64), Image.BILINEAR), np.int32)
-    out = {}
-    for name, b in (("h4", 4), ("h8", 8)):
-        q = (a * b) // 256
-        idx = (q[..., 0] * b + q[..., 1]) * b + q[..., 2]
-        out[name] = np.bincount(idx.ravel(), minlength=b**3) / idx.size
-    q = (a * 4) // 256
-    idx = (q[..., 0] * 4 + q[..., 1]) * 4 + q[..., 2]
-    cells = [idx[i : i + 32, j : j + 32] for i in (0, 32) for j in (0, 32)]
-    out["h4g"] = np.concatenate([np.bincount(c.ravel(), minlength=64) / c.size for c in cells])
-    return out
+        small = ImageOps.exif_transpose(im).convert("RGB").resize((64, 64), Image.BILINEAR)
+        hsv = np.asarray(small.convert("HSV"), np.int32)
+    a = np.asarray(small, np.int32)
+    quads = [(i, j) for i in (0, 32) for j in (0, 32)]
+    h = hsv[..., 0] * 18 // 256
+    s = hsv[..., 1] * 3 // 256
+    v = hsv[..., 2] * 3 // 256
+    return {
+        "h4": joint(a, 4),
+        "h8": joint(a, 8),
+        "h16": joint(a, 16),
+        "h4g": np.concatenate([joint(a[i : i + 32, j : j + 32], 4) for i, j in quads]),  # 2x2 grid
+        "h8g": np.concatenate([joint(a[i : i + 32, j : j + 32], 8) for i, j in quads]),
+        "h8c": joint(a[16:48, 16:48], 8),  # centre quarter only
+        "hsv": np.bincount(((h * 3 + s) * 3 + v).ravel(), minlength=162) / h.size,  # 18 hue x 3 sat x 3 val
+    }
 
 
 def main() -> None:

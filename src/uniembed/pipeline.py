@@ -21,7 +21,7 @@ from uniembed.data.sources import write_labels_csv
 from uniembed.paths import repo_root
 
 METHOD_LABELS = {
-    "raw": "raw backbone features",
+    "raw": "raw backbone features (the head's input)",
     "pca64": "PCA-64 of those",
     "head": "trained 64-d head",
     "raw_cnn": "raw CNN features (no colour block)",
@@ -246,6 +246,12 @@ def build_model(
     report["seconds"] = timer.times
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     _write_report_md(report, out / "report.md")
+    if lodo:
+        from uniembed.eval.universality import universality_checks
+
+        for c in universality_checks(report):
+            mark = "[green]PASS[/green]" if c.passed else "[red]FAIL[/red]"
+            console.print(f"{mark} {c.name}: {c.detail}")
     console.print(
         f"[bold green]model done[/bold green] in {sum(timer.times.values()) / 60:.1f} min: "
         f"{out / 'saved_model.pt'}  (report: {out / 'report.md'})"
@@ -292,6 +298,13 @@ def _write_report_md(report: dict, path: Path) -> None:
         for v in by_method.values():
             v["mean"] = sum(v.values()) / len(v)
         table("mP@5 on the left-out domain (trained on the other two)", by_method)
+    if "leave_one_domain_out" in report:
+        from uniembed.eval.universality import universality_checks
+
+        lines.append("\n## Universality checks (issue #6; `scripts/check_universality.py <this dir>`)\n")
+        lines += [
+            f"- {'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}" for c in universality_checks(report)
+        ]
     lines.append("\n## Time per stage (s)\n")
     lines += [f"- {k}: {v:.1f}" for k, v in report["seconds"].items()]
     path.write_text("\n".join(lines) + "\n")

@@ -32,7 +32,8 @@ def register(app: typer.Typer) -> None:
             help="Global pooling of the last feature map: avg or gem (GeM, p=3; gem4 sets p=4). Add "
             "'+stages' (e.g. avg+stages) to concatenate pooled maps of several stages, or '+stages_l2' "
             "(avg+stages_l2) to L2-normalise each stage before joining (mobilenetv2, efficientnet_lite*). "
-            "timm: also 'native' (the model's own pooling, e.g. a ViT's class token).",
+            "timm: also 'native' (the model's own pooling, e.g. a ViT's class token). End with '+colour' "
+            "(e.g. avg+stages_l2+colour, the make model recipe) to append a 512-bin colour histogram block.",
         ),
         out: Path = typer.Option(
             Path("artifacts/features"),
