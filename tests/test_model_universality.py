@@ -40,4 +40,5 @@ def test_make_model_keeps_unseen_domains(model_dir: Path) -> None:
     assert beats_pca.passed, beats_pca.detail
     assert matches_raw.passed, matches_raw.detail
     md = (model_dir / "report.md").read_text()
-    assert "raw CNN features (no colour block)" in md
+    assert "raw CNN features (no colour block)" in md and "Universality checks" in md
+    assert "Colour block (`+colour`)" in (model_dir / "model_card.md").read_text()

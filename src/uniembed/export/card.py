@@ -179,6 +179,7 @@ def write_card(out: Path, export: dict, run_dir: Path, feature_info: dict, manif
         f"- Weights sha256: `{bb['weights_hash']}`",
         f"- Feature fingerprint: `{bb['fingerprint']}`"
         + (" (fine-tuned by the run's second stage)" if bb.get("finetuned") else " (frozen)"),
+        *_colour_lines(str(bb.get("pooling") or "")),
         "",
     ]
     lines += ["## Data", "", *_data_section(feature_info, manifest, summary), ""]
@@ -223,3 +224,16 @@ def write_card(out: Path, export: dict, run_dir: Path, feature_info: dict, manif
     path = out / "model_card.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _colour_lines(pooling: str) -> list[str]:
+    """What a ``+colour`` pooling adds, in words (the block has no weights, so nothing else names it)."""
+    from uniembed.models.colour import COLOUR_BINS, COLOUR_WEIGHT, split_colour
+
+    if not split_colour(pooling)[1]:
+        return []
+    return [
+        f"- Colour block (`+colour`): joint RGB histogram of the resized input, {COLOUR_BINS} bins a channel "
+        f"({COLOUR_BINS**3} features), square-rooted, L2-normalised, weight {COLOUR_WEIGHT:.4g}; computed "
+        "inside the model after the CNN features (uniembed/models/colour.py)."
+    ]
