@@ -30,7 +30,14 @@ def model_dir(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def test_make_model_keeps_unseen_domains(model_dir: Path) -> None:
-    for f in ("saved_model.pt", "model.onnx", "model_card.md", "report.md", "report.json"):
+    for f in (
+        "saved_model.pt",
+        "model.onnx",
+        "model_card.md",
+        "report.md",
+        "report.json",
+        "universality.png",
+    ):
         assert (model_dir / f).exists(), f
     checks = check_model_dir(model_dir)
     for c in checks:

@@ -245,6 +245,12 @@ def build_model(
     report["export"] = {k: export.get(k) for k in ("fingerprint", "parity") if k in export}
     report["seconds"] = timer.times
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    if lodo:
+        from uniembed.eval.report import plot_universality
+
+        plot_universality(
+            out / "universality.png", report["unseen_labels"], report["leave_one_domain_out"], METHOD_LABELS
+        )
     _write_report_md(report, out / "report.md")
     if lodo:
         from uniembed.eval.universality import universality_checks
@@ -302,6 +308,7 @@ def _write_report_md(report: dict, path: Path) -> None:
         from uniembed.eval.universality import universality_checks
 
         lines.append("\n## Universality checks (issue #6; `scripts/check_universality.py <this dir>`)\n")
+        lines.append("![mP@5 per domain and method](universality.png)\n")
         lines += [
             f"- {'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}" for c in universality_checks(report)
         ]

@@ -255,3 +255,43 @@ def load_thumbnails(
         except Exception:  # a damaged dataset only costs thumbnails here, never the evaluation
             pass
     return thumbs, len([r for r in set(rows) if r not in thumbs])
+
+
+def plot_universality(path: Path, unseen: dict, lodo: dict, labels: dict[str, str] | None = None) -> Path:
+    """Two panels of grouped bars from a ``uniembed model`` report: mP@5 on unseen labels of the training
+    domains, and on each left-out domain (+ the mean over rotations); one bar per method."""
+    plt = _plt()
+    labels = labels or {}
+    by_method: dict[str, dict[str, float]] = {}
+    for dom, vals in lodo.items():
+        for m, v in vals.items():
+            by_method.setdefault(m, {})[dom] = v
+    for v in by_method.values():
+        v["mean"] = float(np.mean(list(v.values())))
+    panels = [
+        ("unseen labels of the training domains", unseen),
+        ("left-out domain (trained on the others)", by_method),
+    ]
+    methods = list(dict.fromkeys([*unseen, *by_method]))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.0), squeeze=False)
+    width = 0.8 / max(1, len(methods))
+    for ax, (title, rows) in zip(axes[0], panels, strict=True):
+        groups = sorted({g for v in rows.values() for g in v}, key=lambda g: (g in ("all", "mean"), g))
+        x = np.arange(len(groups))
+        for j, m in enumerate(methods):
+            vals = [rows.get(m, {}).get(g, 0.0) for g in groups]
+            bars = ax.bar(x + (j - (len(methods) - 1) / 2) * width, vals, width, label=labels.get(m, m))
+            for b, v in zip(bars, vals, strict=True):
+                if v:
+                    ax.text(b.get_x() + b.get_width() / 2, v + 0.005, f"{v:.2f}", ha="center", fontsize=6)
+        ax.set_xticks(x)
+        ax.set_xticklabels(groups, rotation=15, ha="right", fontsize=8)
+        ax.set_ylim(0.6, 1.02)
+        ax.set_ylabel("mP@5")
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].axhline(0.95, color="black", lw=0.8, ls="--")  # issue #6's unseen-label bar
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 5), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return _save_figure(fig, path, dpi=110)

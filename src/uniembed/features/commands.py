@@ -84,9 +84,7 @@ def register(app: typer.Typer) -> None:
         # A prepared dataset (or any plain folder, which then gets extract's own "not prepared" error) goes
         # through the shards; a labels.csv, a folder holding one, or a KIND:PATH spec is read directly.
         arg = _Path(dataset_dir)
-        direct = not arg.is_dir() or (
-            (arg / "labels.csv").exists() and not (arg / "manifest.json").exists()
-        )
+        direct = not arg.is_dir() or ((arg / "labels.csv").exists() and not (arg / "manifest.json").exists())
         try:
             common = dict(
                 backbone=backbone,

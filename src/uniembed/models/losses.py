@@ -259,9 +259,7 @@ class EmbeddingLoss(nn.Module):
         self.margin = (
             MarginLoss(self.cfg, num_classes, embedding_dim, class_counts) if self.margin_weight > 0 else None
         )
-        self.distill = (
-            SimilarityDistillLoss(self.cfg["distill_center"]) if self.distill_weight > 0 else None
-        )
+        self.distill = SimilarityDistillLoss(self.cfg["distill_center"]) if self.distill_weight > 0 else None
 
     def forward(
         self, emb: torch.Tensor, labels: torch.Tensor, feats: torch.Tensor | None = None

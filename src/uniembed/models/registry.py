@@ -106,7 +106,8 @@ def _add_colour(bb: Backbone, pooling: str) -> Backbone:
     # x / 255 = x_n * std / k + mean / k with k = 255 * scale.
     k = pre.scale * 255.0
     hist = ColourHistogram(
-        tuple(m / k for m in pre.mean), tuple(s / k for s in pre.std)  # type: ignore[arg-type]
+        tuple(m / k for m in pre.mean),
+        tuple(s / k for s in pre.std),  # type: ignore[arg-type]
     )
     bb.module = WithColour(bb.module, hist)
     bb.dim += hist.dim
