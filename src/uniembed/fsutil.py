@@ -25,6 +25,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def file_stamp(path: str | Path, missing: str = "?") -> str:
+    """``size:mtime_ns`` of a file (``missing`` when it cannot be stat-ed): cheap change detection for the
+    input hashes of prepare and extract, without reading the file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return missing
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed.

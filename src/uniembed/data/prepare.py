@@ -40,7 +40,7 @@ from uniembed.data.images import (
     resize_image,
 )
 from uniembed.data.sources import DataError, Record, Source, parse_sources
-from uniembed.fsutil import building_dir
+from uniembed.fsutil import building_dir, file_stamp
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -127,11 +127,7 @@ def _input_hash(sources: list[Source], records: list[Record], options: dict) -> 
     h.update(json.dumps(options, sort_keys=True).encode())
     h.update(json.dumps([s.describe() + "|" + s.name for s in sources]).encode())
     for r in records:
-        try:
-            st = os.stat(r.path)
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        except OSError:
-            stamp = "?"
+        stamp = file_stamp(r.path, missing="?")
         h.update(f"{r.path}\t{r.label}\t{r.domain}\t{r.source}\t{stamp}\n".encode())
     return h.hexdigest()
 

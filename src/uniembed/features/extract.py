@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from uniembed.features.store import is_complete, write_feature_set
+from uniembed.fsutil import file_stamp
 from uniembed.models.preprocess import ImagePreprocessor, PreprocessConfig
 from uniembed.models.registry import Backbone, create_backbone
 
@@ -439,6 +440,13 @@ class ExtractStats:
 LAST_STATS = ExtractStats()
 
 
+def as_backbone(backbone: str | Backbone, *, pretrained: bool = True, pooling: str = "avg") -> Backbone:
+    """A ready ``Backbone`` as given, or a registry name built with ``pretrained``/``pooling``."""
+    if isinstance(backbone, Backbone):
+        return backbone
+    return create_backbone(backbone, pretrained=pretrained, pooling=pooling)
+
+
 def extract(
     dataset_dir: str | Path,
     backbone: str | Backbone = "mobilenetv2",
@@ -476,11 +484,7 @@ def extract(
     mhash = str(manifest.get("hash", ""))
     if not mhash:
         raise ExtractError(f"{ds}/manifest.json has no 'hash'; re-run `uniembed prepare`")
-    bb = (
-        backbone
-        if isinstance(backbone, Backbone)
-        else create_backbone(backbone, pretrained=pretrained, pooling=pooling)
-    )
+    bb = as_backbone(backbone, pretrained=pretrained, pooling=pooling)
     fp = bb.fingerprint()
     out = feature_dir_for(out_root, bb, mhash)
     if _cache_hit(out, fp, mhash, draft, t_start):
@@ -723,11 +727,7 @@ def embed_paths(
 
     if on_bad not in ("skip", "raise"):
         raise ValueError("on_bad must be 'skip' or 'raise'")
-    bb = (
-        backbone
-        if isinstance(backbone, Backbone)
-        else create_backbone(backbone, pretrained=pretrained, pooling=pooling)
-    )
+    bb = as_backbone(backbone, pretrained=pretrained, pooling=pooling)
     runner = make_runner(bb, engine, threads=threads, device=device)
     n_batches = -(-len(items) // batch_size)
     if workers is None:
@@ -766,11 +766,7 @@ def files_hash(records: Sequence[Any]) -> str:
 
     h = hashlib.sha256()
     for r in records:
-        try:
-            st = os.stat(r.path)
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        except OSError:
-            stamp = "missing"
+        stamp = file_stamp(r.path, missing="missing")
         h.update(f"{r.path}|{r.label}|{r.domain}|{r.source}|{stamp}\n".encode())
     return h.hexdigest()
 
@@ -805,11 +801,7 @@ def extract_files(
         raise ExtractError(str(e)) from e
     if not records:
         raise ExtractError(f"no images found in {', '.join(map(str, sources))}")
-    bb = (
-        backbone
-        if isinstance(backbone, Backbone)
-        else create_backbone(backbone, pretrained=pretrained, pooling=pooling)
-    )
+    bb = as_backbone(backbone, pretrained=pretrained, pooling=pooling)
     mhash = "files-" + files_hash(records)
     out = feature_dir_for(out_root, bb, mhash)
     if _cache_hit(out, bb.fingerprint(), mhash, draft, t_start):
