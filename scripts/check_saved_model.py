@@ -93,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         ok, msg = check(out, 2)
         same = torch.allclose(out[0], model(x[:1])[0], atol=1e-5)
         all_ok &= ok and same
-        print(f"{'OK  ' if ok and same else 'FAIL'} batch of 2: input {tuple(x.shape)} -> {msg}, "
-              f"row 0 equals single-image output: {same}")
+        print(
+            f"{'OK  ' if ok and same else 'FAIL'} batch of 2: input {tuple(x.shape)} -> {msg}, "
+            f"row 0 equals single-image output: {same}"
+        )
     print("PASS" if all_ok else "FAILED")
     return 0 if all_ok else 1
 

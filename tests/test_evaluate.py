@@ -119,6 +119,34 @@ def test_run_on_val_split_with_baselines(synth: dict, tmp_path: Path) -> None:
     assert "| head |" in md and "| pca64 |" in md and "mP@5 per query domain" in md
 
 
+def test_photos_split_scores_the_heldout_photos_of_training_labels(synth: dict, tmp_path: Path) -> None:
+    from uniembed.train import TrainConfig
+    from uniembed.train.data import heldout_photos, split_labels
+
+    with pytest.raises(EvalError, match="photo_fraction"):  # the run held out no photos
+        evaluate(synth["run"], None, tmp_path / "none", split="photos", progress=False)
+    run = tmp_path / "run"
+    for f in ("head.pt",):
+        (run / f).parent.mkdir(parents=True, exist_ok=True)
+        (run / f).write_bytes((synth["run"] / f).read_bytes())
+    cfg = TrainConfig(features=[str(synth["fdir"])])
+    cfg.split.photo_fraction = 0.4
+    cfg.to_yaml(run / "config.yaml")
+    res = evaluate(run, None, tmp_path / "ev", split="photos", compare=["raw", "pca64"], progress=False)
+    labels = np.array([r["label"] for r in synth["rows"]])
+    doms = np.array([r["domain"] for r in synth["rows"]])
+    sp = split_labels(labels, doms, 0.5, 0)
+    sel = heldout_photos(labels, doms, sp.train_labels, 0.4, 0)
+    assert res["split"] == "photos" and res["n_images"] == int(sel.sum()) == 9 * 2
+    assert set(labels[sel]) == set(sp.train_labels)
+    with torch.no_grad():
+        emb = synth["head"](torch.from_numpy(synth["feats"][sel])).numpy()
+    _, ids = np.unique(labels[sel], return_inverse=True)
+    assert res["methods"]["head"]["overall"]["mP@5"] == pytest.approx(retrieval_metrics(emb, ids).mp5)
+    # PCA is fitted on the training labels' photos that were trained on: 9 labels x 3 photos
+    assert "27 rows" in res["methods"]["pca64"]["notes"]
+
+
 def test_split_all_domain_filter_and_feature_source(synth: dict, tmp_path: Path) -> None:
     res = evaluate(synth["run"], synth["fdir"], tmp_path / "a", split="all", domains=["beta"], progress=False)
     assert (

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from uniembed.cli import app
 from uniembed.features.store import load_feature_set
 from uniembed.train import TrainConfig, load_head, train
-from uniembed.train.data import epoch_order, prepare_data, split_labels
+from uniembed.train.data import epoch_order, heldout_photos, prepare_data, split_labels
 from uniembed.train.synthetic import write_synthetic_features
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,6 +157,34 @@ def test_label_split_is_deterministic_per_domain_and_supports_leave_one_domain_o
     assert (d2.domains[d2.val_idx] == "dom_c").sum() == 12 * 8
     with pytest.raises(ValueError, match="not in the features"):
         prepare_data([str(syn)], 0.5, 0, train_domains=["dom_x"])
+
+
+def test_heldout_photos_of_training_labels(syn: Path) -> None:
+    """split.photo_fraction: a fixed share of each training label's photos leaves training (>= 2, at least
+    one photo kept), deterministically, never touching held-out labels or another domain's choice."""
+    fs = load_feature_set(syn)
+    names = np.asarray(fs.label_names, dtype=object)[fs.labels]
+    sp = split_labels(names, fs.domains, 0.5, seed=0)
+    h = heldout_photos(names, fs.domains, sp.train_labels, 0.25, seed=0)
+    assert h.dtype == bool and not np.isin(names[h], sp.val_labels).any()
+    for lab in sp.train_labels:  # 8 photos a label -> round(0.25 * 8) = 2 held out
+        assert h[names == lab].sum() == 2
+    assert np.array_equal(h, heldout_photos(names, fs.domains, sp.train_labels, 0.25, seed=0))
+    assert not np.array_equal(h, heldout_photos(names, fs.domains, sp.train_labels, 0.25, seed=1))
+    m = fs.domains != "dom_c"
+    h2 = heldout_photos(names[m], fs.domains[m], sp.train_labels, 0.25, seed=0)
+    assert np.array_equal(h2, h[m])
+    assert not heldout_photos(names, fs.domains, sp.train_labels, 0.0, seed=0).any()
+    tiny = heldout_photos(np.array(["a", "a", "b", "b", "b"]), np.array(["d"] * 5), ["a", "b"], 0.9, seed=0)
+    assert tiny.tolist()[:2] == [False, False] and tiny[2:].sum() == 2  # < 3 photos: none; else n - 1 at most
+    with pytest.raises(ValueError, match="photo_fraction"):
+        heldout_photos(names, fs.domains, sp.train_labels, 1.0, seed=0)
+    # prepare_data trains on the rest and reports the held-out rows.
+    d = prepare_data([str(syn)], 0.5, 0, photo_fraction=0.25)
+    assert np.array_equal(np.sort(d.photo_idx), np.flatnonzero(h))
+    assert not set(d.photo_idx.tolist()) & set(d.train_idx.tolist())
+    assert len(d.classes) == len(sp.train_labels)
+    assert len(d.train_idx) == 6 * len(sp.train_labels)
 
 
 def test_balanced_samplers_equalise_groups() -> None:

@@ -135,6 +135,28 @@ def gem(x: torch.Tensor, p: float = 3.0) -> torch.Tensor:
     return x.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1 / p)
 
 
+def rmac(x: torch.Tensor, levels: int = 3) -> torch.Tensor:
+    """Regional MAC (Tolias et al. 2016): max-pool square regions at ``levels`` scales (1, 2x2, 3x3 grids
+    with ~40% overlap), L2-normalise each, sum, L2-normalise. Research only: a fixed grid, no learned
+    region whitening."""
+    _, _, h, w = x.shape
+    side = min(h, w)
+    acc = torch.zeros(x.shape[:2])
+    for lev in range(1, levels + 1):
+        size = max(1, int(round(2 * side / (lev + 1))))
+        starts_h = np.linspace(0, h - size, lev).round().astype(int) if lev > 1 else [(h - size) // 2]
+        starts_w = np.linspace(0, w - size, lev).round().astype(int) if lev > 1 else [(w - size) // 2]
+        if lev == 1:
+            size_h, size_w, starts_h, starts_w = h, w, [0], [0]
+        else:
+            size_h = size_w = size
+        for t in starts_h:
+            for left in starts_w:
+                r = x[:, :, t : t + size_h, left : left + size_w].amax(dim=(2, 3))
+                acc += torch.nn.functional.normalize(r, dim=1)
+    return torch.nn.functional.normalize(acc, dim=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="mobilenetv2")
@@ -142,6 +164,7 @@ def main() -> None:
     ap.add_argument("--aug", type=int, default=0, help="number of augmented views per image (0 = clean)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--flip", action="store_true", help="also store the mirrored image's blocks (keys *_f)")
+    ap.add_argument("--rmac", action="store_true", help="also store mac / rmac of the final map, rmac of s1")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--limit", type=int, default=0, help="first N images only (smoke test)")
@@ -167,6 +190,8 @@ def main() -> None:
     views = max(1, args.aug)
     g = torch.Generator().manual_seed(args.seed)
     kinds: tuple[str, ...] = ("avg", "gem", "s1", "s2", "s3")
+    if args.rmac:  # regional pooling research: global max and R-MAC of the final map, R-MAC of s1
+        kinds = kinds + ("mac", "rmac", "rmac_s1")
     if args.flip:  # test-time augmentation research: the horizontally mirrored input, same blocks
         kinds = kinds + tuple(f"{k}_f" for k in kinds)
     store: dict[str, list[list[np.ndarray]]] = {k: [[] for _ in range(views)] for k in kinds}
@@ -192,6 +217,10 @@ def main() -> None:
                     store["gem" + suffix][v].append(gem(maps[0]).numpy())
                     for k, m in zip(("s1", "s2", "s3"), maps[1:], strict=True):
                         store[k + suffix][v].append(m.mean(dim=(2, 3)).numpy())
+                    if args.rmac and not suffix:
+                        store["mac"][v].append(maps[0].amax(dim=(2, 3)).numpy())
+                        store["rmac"][v].append(rmac(maps[0]).numpy())
+                        store["rmac_s1"][v].append(rmac(maps[1]).numpy())
     arrays = {}
     for k, per_view in store.items():
         a = np.stack([np.concatenate(x) for x in per_view]).astype(np.float16)
@@ -201,6 +230,7 @@ def main() -> None:
     name = f"{args.backbone}-{args.size}" + (f"-aug{args.aug}" if args.aug else "")
     name += f"-stride{args.stride}" if args.stride > 1 else ""
     name += "-flip" if args.flip else ""
+    name += "-rmac" if args.rmac else ""
     name += "-smoke" if args.limit else ""
     np.savez(
         out / f"{name}.npz",

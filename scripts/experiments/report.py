@@ -25,17 +25,26 @@ def main() -> None:
         if line.strip():
             r = json.loads(line)
             rows[r["name"]] = r
+    # runs with --seen-photos add three columns: new photos of the training labels
+    photos = any("seen_photos" in r for r in rows.values())
+    extra_head = " new-photo pg | new-photo produce | new-photo toys |" if photos else ""
     print(
         "| variant | left-out pg | left-out produce | left-out toys | **left-out avg** "
-        "| unseen-label pg | unseen-label produce | unseen-label toys | command |"
+        "| unseen-label pg | unseen-label produce | unseen-label toys |" + extra_head + " command |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---" * (9 + 3 * photos) + "|")
     for r in rows.values():
         lo, un = r["leftout"], r["unseen"]
+        sp = r.get("seen_photos")
+        extra = (
+            (f" {sp['pg']:.3f} | {sp['produce']:.3f} | {sp['toys']:.3f} |" if sp else " - | - | - |")
+            if photos
+            else ""
+        )
         print(
             f"| {r['name']} | {lo['pg']:.3f} | {lo['produce']:.3f} | {lo['toys']:.3f} "
             f"| **{r['leftout_avg']:.3f}** "
-            f"| {un['pg']:.3f} | {un['produce']:.3f} | {un['toys']:.3f} | `{r['cmd']}` |"
+            f"| {un['pg']:.3f} | {un['produce']:.3f} | {un['toys']:.3f} |{extra} `{r['cmd']}` |"
         )
 
 

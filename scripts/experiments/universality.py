@@ -139,6 +139,19 @@ def label_split(labels: np.ndarray, domains: np.ndarray, seed: int, frac: float 
     return held
 
 
+def photo_split(labels: np.ndarray, held: np.ndarray, seed: int, frac: float = 0.2) -> np.ndarray:
+    """Bool mask of held-out *photos of training labels*: ``frac`` of each non-held label's images (at least
+    2, so a held-out photo has a same-label neighbour). Answers "does the head keep the products it was
+    trained on?" on photos it never saw (the in-domain figure issue #6's opening probe quotes, ~0.99)."""
+    out = np.zeros(len(labels), dtype=bool)
+    rng = np.random.default_rng([seed, 7])
+    for lab in sorted(set(labels[~held].tolist())):
+        idx = np.flatnonzero((labels == lab) & ~held)
+        k = max(2, int(round(frac * len(idx))))
+        out[rng.choice(idx, size=k, replace=False)] = True
+    return out
+
+
 # ---------------------------------------------------------------------------------------- embeddings
 
 
@@ -434,6 +447,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lib-centers-std", type=float, default=0.0, help="lib loss centers_init_std")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the held-out label split")
+    ap.add_argument("--seen-photos", action="store_true", help="also score new photos of training labels")
     ap.add_argument("--name", default="", help="row name in the results table")
     ap.add_argument("--results", default="/tmp/research/results.jsonl")
     return ap.parse_args(argv)
@@ -466,6 +480,15 @@ def run(a: argparse.Namespace) -> dict:
     for dom in DOMAINS:
         m = held & (d.domains == dom)
         out["unseen"][SHORT[dom]] = mp5(f(d.x[m]), d.labels[m])
+    if a.seen_photos:  # training labels, 20% of their photos held out: scored among those photos
+        new = photo_split(d.labels, held, a.split_seed)
+        tr = ~held & ~new
+        aug = d.aug[:, tr] if d.aug is not None else None
+        f = make_embedder(d.x[tr], d.labels[tr], d.domains[tr], aug, a)
+        out["seen_photos"] = {}
+        for dom in DOMAINS:
+            m = new & (d.domains == dom)
+            out["seen_photos"][SHORT[dom]] = mp5(f(d.x[m]), d.labels[m])
     out["leftout_avg"] = float(np.mean(list(out["leftout"].values())))
     out["unseen_min"] = float(np.min(list(out["unseen"].values())))
     out["dim_in"] = int(d.x.shape[1])
@@ -484,8 +507,12 @@ def main(argv: list[str] | None = None) -> None:
         f.write(json.dumps(rec) + "\n")
     lo = " ".join(f"{k}={v:.3f}" for k, v in res["leftout"].items())
     un = " ".join(f"{k}={v:.3f}" for k, v in res["unseen"].items())
+    sp = " ".join(f"{k}={v:.3f}" for k, v in res.get("seen_photos", {}).items())
     print(
-        f"[{a.name}] leftout {lo} avg={res['leftout_avg']:.3f} | unseen {un} | {res['seconds']}s", flush=True
+        f"[{a.name}] leftout {lo} avg={res['leftout_avg']:.3f} | unseen {un}"
+        + (f" | seen-label photos {sp}" if sp else "")
+        + f" | {res['seconds']}s",
+        flush=True,
     )
 
 

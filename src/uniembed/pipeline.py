@@ -180,6 +180,9 @@ def _first_path(labels_csv: Path) -> str:
         return next(csv.DictReader(f))["path"]
 
 
+PHOTO_FRACTION = 0.2  # share of each training label's photos held out for the "new photos" figure
+
+
 def build_model(
     data: Path | None, out: Path, config: Path, work: Path, lodo: bool = True, console: Console | None = None
 ) -> dict:
@@ -218,6 +221,23 @@ def build_model(
     )
     report["unseen_labels"] = mp5_table("mP@5, unseen labels of the training domains", ev, console)
     if lodo:
+        # Known products, new photos: the same recipe with PHOTO_FRACTION of each training label's photos
+        # held out, scored among those photos. A head that generalises but forgets its training labels
+        # fails here.
+        cfg = TrainConfig.from_yaml(config)
+        cfg.features = [str(feats)]
+        cfg.split.photo_fraction = PHOTO_FRACTION
+        cfg.out = str(work / "runs" / "photos")
+        cfg.progress = False
+        r = timer.run(f"train ({PHOTO_FRACTION:.0%} of the photos held out)", train, cfg, overwrite=True)
+        e = evaluate(
+            r,
+            out_dir=out / "evaluation" / "photos",
+            split="photos",
+            compare=baselines_for(base.pooling),
+            progress=False,
+        )
+        report["new_photos"] = mp5_table("mP@5, new photos of the training labels", e, console)
         report["leave_one_domain_out"] = {}
         domains = sorted(ev["methods"]["head"]["per_domain"])
         for left_out in domains:
@@ -249,7 +269,11 @@ def build_model(
         from uniembed.eval.report import plot_universality
 
         plot_universality(
-            out / "universality.png", report["unseen_labels"], report["leave_one_domain_out"], METHOD_LABELS
+            out / "universality.png",
+            report["unseen_labels"],
+            report["leave_one_domain_out"],
+            METHOD_LABELS,
+            new_photos=report.get("new_photos"),
         )
     _write_report_md(report, out / "report.md")
     if lodo:
@@ -296,6 +320,12 @@ def _write_report_md(report: dict, path: Path) -> None:
             )
 
     table("mP@5 on unseen labels of the training domains", report["unseen_labels"])
+    if "new_photos" in report:
+        table(
+            f"mP@5 on new photos of the training labels ({PHOTO_FRACTION:.0%} of each label's photos "
+            "held out of a second training run, scored among themselves)",
+            report["new_photos"],
+        )
     if "leave_one_domain_out" in report:
         by_method: dict[str, dict[str, float]] = {}
         for dom, vals in report["leave_one_domain_out"].items():

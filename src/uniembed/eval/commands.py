@@ -45,7 +45,9 @@ def register(app: typer.Typer) -> None:
             "auto",
             "--split",
             help="val: only the labels the run held out from training (recomputed from its config.yaml); "
-            "all: every image; auto: val when the training run is known, else all.",
+            "photos: the photos of its training labels it held out (a run trained with "
+            "split.photo_fraction > 0); all: every image; auto: val when the training run is known, "
+            "else all.",
         ),
         domains: str = _csv_option(
             "--domains", None, "Comma-separated domains to keep (e.g. produce,packaged_goods); default: all."

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-SPLITS = ("auto", "val", "all")
+SPLITS = ("auto", "val", "photos", "all")
 BASELINES = ("raw", "pca64")
 #: ``raw_cnn`` / ``pca64_cnn``: the baseline on the CNN columns only (features of a ``+colour`` pooling).
 CNN_SUFFIX = "_cnn"
@@ -109,12 +109,13 @@ def _run_of(source: Path, kind: str) -> Path | None:
     return None
 
 
-def run_val_labels(run_dir: Path) -> tuple[set[str], set[str]]:
-    """(train labels, held-out labels) of a run, recomputed exactly as training split them (same feature
-    dirs, same split config)."""
+def run_split(run_dir: Path) -> tuple[set[str], set[str], set[str]]:
+    """(train labels, held-out labels, held-out photo paths) of a run, recomputed exactly as training split
+    them (same feature dirs, same split config). The photo paths are empty unless the run held out photos of
+    its training labels (``split.photo_fraction``)."""
     from uniembed.export.model import feature_dirs_of
     from uniembed.train import TrainConfig, load_head
-    from uniembed.train.data import load_features, split_labels
+    from uniembed.train.data import heldout_photos, load_features, split_labels
 
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
@@ -136,7 +137,14 @@ def run_val_labels(run_dir: Path) -> tuple[set[str], set[str]]:
         cfg.train_domains,
         cfg.split.unseen_domains_all_labels,
     )
-    return set(sp.train_labels), set(sp.val_labels)
+    train_labels = set(sp.train_labels)
+    if cfg.train_domains:  # photos are only held out where the run trained
+        in_train = np.isin(fs.domains, cfg.train_domains)
+    else:
+        in_train = np.ones(len(names), dtype=bool)
+    photos = heldout_photos(names, fs.domains, train_labels, cfg.split.photo_fraction, cfg.split.seed)
+    photo_paths = {fs.paths[i] for i in np.flatnonzero(photos & in_train).tolist()}
+    return train_labels, set(sp.val_labels), photo_paths
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -183,7 +191,7 @@ def _image_stream(
         def gen_ds() -> Iterator[Any]:
             for s in iter_samples(data):
                 m = s.meta
-                if not keep(m["label"], m.get("domain", "default")):
+                if not keep(m["label"], m.get("domain", "default"), m.get("path", "")):
                     continue
                 try:
                     t = pil_to_tensor(load_image(s.image_bytes))
@@ -197,7 +205,7 @@ def _image_stream(
                 yield t
 
         return gen_ds(), total or 0
-    rows = [r for r in _read_labels_csv(data) if keep(r["label"], r["domain"])]
+    rows = [r for r in _read_labels_csv(data) if keep(r["label"], r["domain"], r["path"])]
 
     def gen_csv() -> Iterator[Any]:
         for r in rows:
@@ -310,18 +318,36 @@ def evaluate(
     if split == "auto":
         split = "val" if run is not None else "all"
     train_labels: set[str] = set()
-    if split == "val":
+    val_labels: set[str] = set()
+    photo_paths: set[str] = set()
+    if split in ("val", "photos"):
         if run is None:
-            raise EvalError(f"--split val needs the training run behind {src} (not found); use --split all")
-        train_labels, val_labels = run_val_labels(run)
+            raise EvalError(
+                f"--split {split} needs the training run behind {src} (not found); use --split all"
+            )
+        train_labels, val_labels, photo_paths = run_split(run)
         split_note = f"held-out labels of run {run.name} ({len(val_labels)} labels)"
+        if split == "photos":
+            if not photo_paths:
+                raise EvalError(
+                    f"run {run.name} held out no photos of its training labels: train it with "
+                    "split.photo_fraction=0.2 (for example), or use --split val"
+                )
+            split_note = (
+                f"held-out photos of the training labels of run {run.name} ({len(photo_paths)} photos)"
+            )
     else:
-        val_labels = set()
         split_note = "every image"
     dom_set = set(domains) if domains else None
 
-    def keep(label: str, domain: str) -> bool:
-        return (split != "val" or label in val_labels) and (dom_set is None or domain in dom_set)
+    def keep(label: str, domain: str, path: str) -> bool:
+        if dom_set is not None and domain not in dom_set:
+            return False
+        if split == "val":
+            return label in val_labels
+        if split == "photos":
+            return path in photo_paths
+        return True
 
     items = Items()
     skipped: Counter = Counter()
@@ -377,7 +403,8 @@ def evaluate(
                     f"features in {feature_dirs[0]} come from {fs.info.get('backbone')} "
                     f"({fs.info['fingerprint']}), the head was trained on {want}"
                 )
-        mask = np.array([keep(n, d) for n, d in zip(names.tolist(), fs.domains.tolist(), strict=True)], bool)
+        triples = zip(names.tolist(), fs.domains.tolist(), fs.paths, strict=True)
+        mask = np.array([keep(n, d, p) for n, d, p in triples], bool)
         rows = np.flatnonzero(mask)
         items.labels = names[rows].astype(str).tolist()
         items.domains = fs.domains[rows].astype(str).tolist()
@@ -386,7 +413,10 @@ def evaluate(
         items.dataset_dir = fs.info.get("dataset") or fs.info.get("dataset_dir")
         feats = np.asarray(fs.features[rows], np.float32)
         # PCA is fitted on the training labels' rows when there is a held-out split, else on what is scored.
-        fit_rows = np.flatnonzero(np.isin(names, list(train_labels))) if train_labels else rows
+        fit_mask = np.isin(names, list(train_labels))
+        if photo_paths:  # the photos held out of training are not fitted on either
+            fit_mask &= ~np.isin(np.asarray(fs.paths, dtype=object), list(photo_paths))
+        fit_rows = np.flatnonzero(fit_mask) if train_labels else rows
         if len(fit_rows) < 2:
             fit_rows = rows
         fit_feats = np.asarray(fs.features[fit_rows], np.float32)

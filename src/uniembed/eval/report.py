@@ -257,9 +257,16 @@ def load_thumbnails(
     return thumbs, len([r for r in set(rows) if r not in thumbs])
 
 
-def plot_universality(path: Path, unseen: dict, lodo: dict, labels: dict[str, str] | None = None) -> Path:
-    """Two panels of grouped bars from a ``uniembed model`` report: mP@5 on unseen labels of the training
-    domains, and on each left-out domain (+ the mean over rotations); one bar per method."""
+def plot_universality(
+    path: Path,
+    unseen: dict,
+    lodo: dict,
+    labels: dict[str, str] | None = None,
+    new_photos: dict | None = None,
+) -> Path:
+    """Panels of grouped bars from a ``uniembed model`` report: mP@5 on unseen labels of the training
+    domains, on each left-out domain (+ the mean over rotations) and, when given, on new photos of the
+    training labels; one bar per method."""
     plt = _plt()
     labels = labels or {}
     by_method: dict[str, dict[str, float]] = {}
@@ -272,8 +279,10 @@ def plot_universality(path: Path, unseen: dict, lodo: dict, labels: dict[str, st
         ("unseen labels of the training domains", unseen),
         ("left-out domain (trained on the others)", by_method),
     ]
-    methods = list(dict.fromkeys([*unseen, *by_method]))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.0), squeeze=False)
+    if new_photos:
+        panels.append(("new photos of the training labels", new_photos))
+    methods = list(dict.fromkeys([*unseen, *by_method, *(new_photos or {})]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.0), squeeze=False)
     width = 0.8 / max(1, len(methods))
     for ax, (title, rows) in zip(axes[0], panels, strict=True):
         groups = sorted({g for v in rows.values() for g in v}, key=lambda g: (g in ("all", "mean"), g))
@@ -291,6 +300,8 @@ def plot_universality(path: Path, unseen: dict, lodo: dict, labels: dict[str, st
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].axhline(0.95, color="black", lw=0.8, ls="--")  # issue #6's unseen-label bar
+    if new_photos:
+        axes[0][2].axhline(0.95, color="black", lw=0.8, ls="--")
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=min(len(names), 5), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))

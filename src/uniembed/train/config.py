@@ -22,10 +22,15 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 
 @dataclass
 class SplitConfig:
-    """Which labels are held out for validation ("unseen labels")."""
+    """Which labels are held out for validation ("unseen labels"), and optionally which photos of the
+    training labels are held out too ("new photos of known products")."""
 
     val_fraction: float = 0.5  # fraction of each domain's labels held out (deterministic by seed)
     seed: int = 0
+    # Fraction of each *training* label's photos kept out of training (at least 2 of a label, and only labels
+    # with 3+ photos), scored by `uniembed evaluate --split photos`: does the head still know the products it
+    # was trained on when it sees new photos of them? 0 = off (every photo of a training label is trained on).
+    photo_fraction: float = 0.0
     # Domains not in train_domains: hold out ALL their labels (more val data) instead of the same fraction as
     # in-domain runs. Off by default so a domain's val set is identical whether or not it was trained on.
     unseen_domains_all_labels: bool = False

@@ -7,7 +7,7 @@ is a few hundred slicing ops, i.e. seconds.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ class TrainData:
     label_names: np.ndarray  # [N] str (names are the join key across feature dirs)
     domains: np.ndarray  # [N] str
     keys: list[str]
+    paths: list[str]
     train_idx: np.ndarray  # rows used for training
     val_idx: np.ndarray  # rows of held-out labels
     classes: list[str]  # training class names; class index = position
@@ -48,6 +49,8 @@ class TrainData:
     split: LabelSplit
     info: dict  # info.json of the first feature dir
     feature_dirs: list[str]
+    # rows of training labels held out of training (split.photo_fraction): new photos of known labels
+    photo_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def dim(self) -> int:
@@ -127,14 +130,48 @@ def split_labels(
     return LabelSplit(sorted(tr), sorted(va), label_domain)
 
 
+def heldout_photos(
+    label_names: np.ndarray,
+    domains: np.ndarray,
+    train_labels: list[str] | set[str],
+    fraction: float,
+    seed: int,
+) -> np.ndarray:
+    """Bool mask of the rows held out as *new photos of training labels*: ``round(fraction * n)`` (at least 2)
+    of each training label's ``n`` rows, for labels with ``n >= 3`` (so at least one photo is still trained
+    on and a held-out photo has a same-label neighbour). Deterministic: one generator per domain seeded with
+    ``[seed, domain index, number of labels, 1]``, labels in sorted order, so adding a domain does not move
+    another domain's photos."""
+    held = np.zeros(len(label_names), dtype=bool)
+    if fraction <= 0:
+        return held
+    if fraction >= 1:
+        raise ValueError(f"photo_fraction must be in [0, 1), not {fraction}")
+    wanted = set(train_labels)
+    names = label_names.astype(str)
+    for d_i, dom in enumerate(sorted(set(domains.tolist()))):
+        in_dom = domains == dom
+        labs = sorted(set(names[in_dom].tolist()) & wanted)
+        rng = np.random.default_rng([seed, d_i, len(labs), 1])
+        for lab in labs:
+            rows = np.flatnonzero(in_dom & (names == lab))
+            if len(rows) < 3:
+                continue
+            k = min(max(int(round(fraction * len(rows))), 2), len(rows) - 1)
+            held[rng.choice(rows, size=k, replace=False)] = True
+    return held
+
+
 def prepare_data(
     feature_dirs: list[str],
     val_fraction: float = 0.5,
     seed: int = 0,
     train_domains: list[str] | None = None,
     unseen_domains_all_labels: bool = False,
+    photo_fraction: float = 0.0,
 ) -> TrainData:
-    """Load features into memory and split labels into train / val."""
+    """Load features into memory and split labels into train / val (and, with ``photo_fraction``, hold out
+    that fraction of each training label's photos: :func:`heldout_photos`)."""
     fs, names, dirs = load_features(feature_dirs)
     known = sorted(set(fs.domains.tolist()))
     if train_domains:
@@ -145,6 +182,8 @@ def prepare_data(
     train_labels = set(split.train_labels)
     in_train_dom = np.ones(len(fs), dtype=bool) if not train_domains else np.isin(fs.domains, train_domains)
     is_train = np.array([n in train_labels for n in names.tolist()]) & in_train_dom
+    photos = heldout_photos(names, fs.domains, train_labels, photo_fraction, seed) & is_train
+    is_train &= ~photos
     val_labels = set(split.val_labels)
     is_val = np.array([n in val_labels for n in names.tolist()])
     train_idx = np.flatnonzero(is_train)
@@ -162,6 +201,7 @@ def prepare_data(
         label_names=names,
         domains=fs.domains,
         keys=fs.keys,
+        paths=list(fs.paths),
         train_idx=train_idx,
         val_idx=np.flatnonzero(is_val),
         classes=classes,
@@ -169,6 +209,7 @@ def prepare_data(
         split=split,
         info=fs.info,
         feature_dirs=dirs,
+        photo_idx=np.flatnonzero(photos),
     )
 
 

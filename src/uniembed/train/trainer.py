@@ -471,7 +471,12 @@ def _train(
     dirs = resolve_feature_dirs(cfg, di)
     t0 = time.perf_counter()
     data = prepare_data(
-        dirs, cfg.split.val_fraction, cfg.split.seed, cfg.train_domains, cfg.split.unseen_domains_all_labels
+        dirs,
+        cfg.split.val_fraction,
+        cfg.split.seed,
+        cfg.train_domains,
+        cfg.split.unseen_domains_all_labels,
+        cfg.split.photo_fraction,
     )
     load_s = time.perf_counter() - t0
     if di.is_main:  # only now: bad input leaves no empty run dir behind
@@ -479,7 +484,9 @@ def _train(
     n_train, n_cls = len(data.train_idx), len(data.classes)
     console.print(
         f"[bold]train[/] {n_train} rows / {n_cls} classes, val {len(data.val_idx)} rows / "
-        f"{len(data.split.val_labels)} labels, dim {data.dim}, world {di.world} on {dev} "
+        f"{len(data.split.val_labels)} labels"
+        + (f", {len(data.photo_idx)} photos of training labels held out" if len(data.photo_idx) else "")
+        + f", dim {data.dim}, world {di.world} on {dev} "
         f"(loaded in {load_s:.1f}s)"
     )
     x_train = data.feats[data.train_idx].to(dev)
@@ -538,6 +545,7 @@ def _train(
         "classes": n_cls,
         "val_rows": int(len(data.val_idx)),
         "val_labels": len(data.split.val_labels),
+        "heldout_photos": int(len(data.photo_idx)),
         "split": data.split.summary(),
         "world": di.world,
         "device": str(dev),
@@ -552,6 +560,7 @@ def _train(
             "val_labels": data.split.val_labels,
             "label_domain": data.split.label_domain,
             "per_domain": data.split.summary(),
+            "heldout_photos": [data.paths[i] for i in data.photo_idx.tolist()],
         }
         _atomic_write_text(run / "split.json", json.dumps(split, indent=1))
         if not history and has_val:  # epoch 0: the untrained (e.g. PCA-initialised) head
