@@ -50,3 +50,22 @@ def test_script_exit_status(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, str(script), str(tmp_path / "none")], capture_output=True, text=True)
     assert r.returncode == 2 and "make model" in r.stderr
     assert len(check_model_dir(tmp_path)) == 3
+
+
+def test_universality_plot_has_a_panel_per_protocol(tmp_path: Path) -> None:
+    """The PNG `uniembed model` writes: two panels, or three with the new-photos figures; bars below 0.6
+    (new photos of raw features are ~0.6) lower the axis instead of vanishing under it."""
+    import matplotlib.image as mpimg
+
+    from uniembed.eval.report import bar_floor, plot_universality
+
+    rep = _report([0.8, 0.8, 0.9], [0.7, 0.9, 0.9], [0.79, 0.7, 0.8], [0.95, 0.96, 1.0])
+    two = plot_universality(tmp_path / "two.png", rep["unseen_labels"], rep["leave_one_domain_out"])
+    photos = {"head": {"pg": 0.95, "produce": 0.91}, "raw": {"pg": 0.58, "produce": 0.75}}
+    three = plot_universality(
+        tmp_path / "three.png", rep["unseen_labels"], rep["leave_one_domain_out"], new_photos=photos
+    )
+    w2, w3 = mpimg.imread(two).shape[1], mpimg.imread(three).shape[1]
+    assert w3 > 1.4 * w2  # one more panel of the same width
+    assert bar_floor([0.8, 0.95]) == 0.6 and bar_floor([0.58, 0.95]) == pytest.approx(0.45)
+    assert bar_floor([0.0, 0.7]) == 0.6  # missing values (0) are not bars

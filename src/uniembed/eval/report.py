@@ -257,6 +257,13 @@ def load_thumbnails(
     return thumbs, len([r for r in set(rows) if r not in thumbs])
 
 
+def bar_floor(values: list[float], top_floor: float = 0.6) -> float:
+    """Lower y limit for mP@5 bars: ``top_floor`` (zoomed on the range that matters) unless a bar is lower,
+    then 0.05 under that bar's tenth, so no bar disappears below the axis."""
+    lowest = min((v for v in values if v), default=top_floor)
+    return float(min(top_floor, np.floor(lowest * 10) / 10 - 0.05))
+
+
 def plot_universality(
     path: Path,
     unseen: dict,
@@ -283,6 +290,7 @@ def plot_universality(
         panels.append(("new photos of the training labels", new_photos))
     methods = list(dict.fromkeys([*unseen, *by_method, *(new_photos or {})]))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.0), squeeze=False)
+    floor = bar_floor([v for _, rows in panels for per in rows.values() for v in per.values()])
     width = 0.8 / max(1, len(methods))
     for ax, (title, rows) in zip(axes[0], panels, strict=True):
         groups = sorted({g for v in rows.values() for g in v}, key=lambda g: (g in ("all", "mean"), g))
@@ -295,7 +303,7 @@ def plot_universality(
                     ax.text(b.get_x() + b.get_width() / 2, v + 0.005, f"{v:.2f}", ha="center", fontsize=6)
         ax.set_xticks(x)
         ax.set_xticklabels(groups, rotation=15, ha="right", fontsize=8)
-        ax.set_ylim(0.6, 1.02)
+        ax.set_ylim(floor, 1.02)
         ax.set_ylabel("mP@5")
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
