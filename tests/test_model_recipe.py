@@ -44,3 +44,14 @@ def test_distill_center_removes_the_common_offset() -> None:
     with_center = SimilarityDistillLoss(center=True)(student, feats).item()
     assert with_center < 1e-6 < plain
     assert loss_config({"distill_weight": 1.0, "distill_center": True})["distill_center"] is True
+
+
+def test_finetune_recipe_is_the_model_recipe_plus_a_finetune_stage() -> None:
+    """configs/model_finetune.yaml (`make model-finetune`) must differ from configs/model.yaml only in its
+    `finetune` section, so its measured gains are the fine-tune's alone."""
+    base = TrainConfig.from_yaml(repo_root() / "configs" / "model.yaml").to_dict()
+    ft = TrainConfig.from_yaml(repo_root() / "configs" / "model_finetune.yaml").to_dict()
+    assert base.pop("finetune")["enabled"] is False
+    stage = ft.pop("finetune")
+    assert ft == base
+    assert stage["enabled"] is True and stage["blocks"] == 4 and stage["epochs"] == 3
