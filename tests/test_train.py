@@ -179,6 +179,11 @@ def test_heldout_photos_of_training_labels(syn: Path) -> None:
     assert tiny.tolist()[:2] == [False, False] and tiny[2:].sum() == 2  # < 3 photos: none; else n - 1 at most
     with pytest.raises(ValueError, match="photo_fraction"):
         heldout_photos(names, fs.domains, sp.train_labels, 1.0, seed=0)
+    # only where the run trains: a leave-one-domain-out run holds no photos of its left-out domain
+    h3 = heldout_photos(names, fs.domains, sp.train_labels, 0.25, seed=0, train_domains=["dom_a", "dom_b"])
+    assert np.array_equal(h3, h & (fs.domains != "dom_c"))
+    d3 = prepare_data([str(syn)], 0.5, 0, train_domains=["dom_a", "dom_b"], photo_fraction=0.25)
+    assert np.array_equal(np.sort(d3.photo_idx), np.flatnonzero(h3))
     # prepare_data trains on the rest and reports the held-out rows.
     d = prepare_data([str(syn)], 0.5, 0, photo_fraction=0.25)
     assert np.array_equal(np.sort(d.photo_idx), np.flatnonzero(h))

@@ -138,12 +138,10 @@ def run_split(run_dir: Path) -> tuple[set[str], set[str], set[str]]:
         cfg.split.unseen_domains_all_labels,
     )
     train_labels = set(sp.train_labels)
-    if cfg.train_domains:  # photos are only held out where the run trained
-        in_train = np.isin(fs.domains, cfg.train_domains)
-    else:
-        in_train = np.ones(len(names), dtype=bool)
-    photos = heldout_photos(names, fs.domains, train_labels, cfg.split.photo_fraction, cfg.split.seed)
-    photo_paths = {fs.paths[i] for i in np.flatnonzero(photos & in_train).tolist()}
+    photos = heldout_photos(
+        names, fs.domains, train_labels, cfg.split.photo_fraction, cfg.split.seed, cfg.train_domains
+    )
+    photo_paths = {fs.paths[i] for i in np.flatnonzero(photos).tolist()}
     return train_labels, set(sp.val_labels), photo_paths
 
 

@@ -136,12 +136,14 @@ def heldout_photos(
     train_labels: list[str] | set[str],
     fraction: float,
     seed: int,
+    train_domains: list[str] | None = None,
 ) -> np.ndarray:
     """Bool mask of the rows held out as *new photos of training labels*: ``round(fraction * n)`` (at least 2)
     of each training label's ``n`` rows, for labels with ``n >= 3`` (so at least one photo is still trained
-    on and a held-out photo has a same-label neighbour). Deterministic: one generator per domain seeded with
-    ``[seed, domain index, number of labels, 1]``, labels in sorted order, so adding a domain does not move
-    another domain's photos."""
+    on and a held-out photo has a same-label neighbour), only in ``train_domains`` (default: every domain).
+    Deterministic: one generator per domain seeded with ``[seed, domain index, number of labels, 1]``, labels
+    in sorted order, so adding a domain does not move another domain's photos. Training
+    (:func:`prepare_data`) and evaluation (``uniembed.eval.evaluate.run_split``) both call this."""
     held = np.zeros(len(label_names), dtype=bool)
     if fraction <= 0:
         return held
@@ -159,6 +161,8 @@ def heldout_photos(
                 continue
             k = min(max(int(round(fraction * len(rows))), 2), len(rows) - 1)
             held[rng.choice(rows, size=k, replace=False)] = True
+    if train_domains:
+        held &= np.isin(domains, train_domains)
     return held
 
 
@@ -182,7 +186,7 @@ def prepare_data(
     train_labels = set(split.train_labels)
     in_train_dom = np.ones(len(fs), dtype=bool) if not train_domains else np.isin(fs.domains, train_domains)
     is_train = np.array([n in train_labels for n in names.tolist()]) & in_train_dom
-    photos = heldout_photos(names, fs.domains, train_labels, photo_fraction, seed) & is_train
+    photos = heldout_photos(names, fs.domains, train_labels, photo_fraction, seed, train_domains)
     is_train &= ~photos
     val_labels = set(split.val_labels)
     is_val = np.array([n in val_labels for n in names.tolist()])
