@@ -125,10 +125,9 @@ def test_photos_split_scores_the_heldout_photos_of_training_labels(synth: dict, 
 
     with pytest.raises(EvalError, match="photo_fraction"):  # the run held out no photos
         evaluate(synth["run"], None, tmp_path / "none", split="photos", progress=False)
-    run = tmp_path / "run"
-    for f in ("head.pt",):
-        (run / f).parent.mkdir(parents=True, exist_ok=True)
-        (run / f).write_bytes((synth["run"] / f).read_bytes())
+    run = tmp_path / "run"  # the same head, trained (per its config) with photos held out
+    run.mkdir()
+    (run / "head.pt").write_bytes((synth["run"] / "head.pt").read_bytes())
     cfg = TrainConfig(features=[str(synth["fdir"])])
     cfg.split.photo_fraction = 0.4
     cfg.to_yaml(run / "config.yaml")

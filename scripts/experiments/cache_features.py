@@ -140,19 +140,12 @@ def rmac(x: torch.Tensor, levels: int = 3) -> torch.Tensor:
     with ~40% overlap), L2-normalise each, sum, L2-normalise. Research only: a fixed grid, no learned
     region whitening."""
     _, _, h, w = x.shape
-    side = min(h, w)
-    acc = torch.zeros(x.shape[:2])
-    for lev in range(1, levels + 1):
-        size = max(1, int(round(2 * side / (lev + 1))))
-        starts_h = np.linspace(0, h - size, lev).round().astype(int) if lev > 1 else [(h - size) // 2]
-        starts_w = np.linspace(0, w - size, lev).round().astype(int) if lev > 1 else [(w - size) // 2]
-        if lev == 1:
-            size_h, size_w, starts_h, starts_w = h, w, [0], [0]
-        else:
-            size_h = size_w = size
-        for t in starts_h:
-            for left in starts_w:
-                r = x[:, :, t : t + size_h, left : left + size_w].amax(dim=(2, 3))
+    acc = torch.nn.functional.normalize(x.amax(dim=(2, 3)), dim=1)  # level 1: the whole map
+    for lev in range(2, levels + 1):
+        size = max(1, int(round(2 * min(h, w) / (lev + 1))))
+        for t in np.linspace(0, h - size, lev).round().astype(int):
+            for left in np.linspace(0, w - size, lev).round().astype(int):
+                r = x[:, :, t : t + size, left : left + size].amax(dim=(2, 3))
                 acc += torch.nn.functional.normalize(r, dim=1)
     return torch.nn.functional.normalize(acc, dim=1)
 

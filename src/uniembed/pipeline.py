@@ -221,42 +221,50 @@ def build_model(
     )
     report["unseen_labels"] = mp5_table("mP@5, unseen labels of the training domains", ev, console)
     if lodo:
-        # Known products, new photos: the same recipe with PHOTO_FRACTION of each training label's photos
-        # held out, scored among those photos. A head that generalises but forgets its training labels
-        # fails here.
-        cfg = TrainConfig.from_yaml(config)
-        cfg.features = [str(feats)]
-        cfg.split.photo_fraction = PHOTO_FRACTION
-        cfg.out = str(work / "runs" / "photos")
-        cfg.progress = False
-        r = timer.run(f"train ({PHOTO_FRACTION:.0%} of the photos held out)", train, cfg, overwrite=True)
-        e = evaluate(
-            r,
-            out_dir=out / "evaluation" / "photos",
-            split="photos",
-            compare=baselines_for(base.pooling),
-            progress=False,
-        )
-        report["new_photos"] = mp5_table("mP@5, new photos of the training labels", e, console)
-        report["leave_one_domain_out"] = {}
-        domains = sorted(ev["methods"]["head"]["per_domain"])
-        for left_out in domains:
+
+        def side_run(name: str, step: str, split: str, domains: list[str] | None = None, **split_cfg) -> dict:
+            """One more training of the same recipe on the same features (split settings changed), scored
+            on ``split`` next to the baselines: the new-photos run and each leave-one-domain-out rotation."""
             cfg = TrainConfig.from_yaml(config)
             cfg.features = [str(feats)]
-            cfg.train_domains = [d for d in domains if d != left_out]
-            cfg.split.unseen_domains_all_labels = True
-            cfg.out = str(work / "runs" / f"lodo-{left_out}")
+            cfg.out = str(work / "runs" / name)
             cfg.progress = False
-            r = timer.run(f"train without {left_out}", train, cfg, overwrite=True)
-            e = evaluate(
+            if domains:
+                cfg.train_domains = [d for d in all_domains if d not in domains]
+            for k, v in split_cfg.items():
+                setattr(cfg.split, k, v)
+            r = timer.run(step, train, cfg, overwrite=True)
+            return evaluate(
                 r,
-                out_dir=out / "evaluation" / f"lodo-{left_out}",
-                split="val",
-                domains=[left_out],
+                out_dir=out / "evaluation" / name,
+                split=split,
+                domains=domains,
                 compare=baselines_for(base.pooling),
                 progress=False,
             )
-            per = mp5_table(f"mP@5 on {left_out}, trained on {', '.join(cfg.train_domains)}", e, console)
+
+        all_domains = sorted(ev["methods"]["head"]["per_domain"])
+        # Known products, new photos: the same recipe with PHOTO_FRACTION of each training label's photos
+        # held out, scored among those photos. A head that generalises but forgets its training labels
+        # fails here.
+        e = side_run(
+            "photos",
+            f"train ({PHOTO_FRACTION:.0%} of the photos held out)",
+            "photos",
+            photo_fraction=PHOTO_FRACTION,
+        )
+        report["new_photos"] = mp5_table("mP@5, new photos of the training labels", e, console)
+        report["leave_one_domain_out"] = {}
+        for left_out in all_domains:
+            e = side_run(
+                f"lodo-{left_out}",
+                f"train without {left_out}",
+                "val",
+                domains=[left_out],
+                unseen_domains_all_labels=True,
+            )
+            trained_on = ", ".join(d for d in all_domains if d != left_out)
+            per = mp5_table(f"mP@5 on {left_out}, trained on {trained_on}", e, console)
             report["leave_one_domain_out"][left_out] = {
                 m: v[left_out] for m, v in per.items() if left_out in v
             }
