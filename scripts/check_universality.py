@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Issue #6's acceptance on a `make model` output: prints each check with its numbers, PASS or FAIL.
+"""The universality acceptance on a `make model` output: prints each check with its numbers, PASS or FAIL.
 
 Usage::
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -88,8 +89,22 @@ def subset_labels_csv(
     return counts
 
 
-def mp5_table(title: str, metrics: dict, console: Console) -> dict[str, dict[str, float]]:
+def _demo_labels(feats: Path) -> dict[str, str]:
+    """Row names for the demo's table that say what each row is and how wide it is."""
+    info = json.loads((Path(feats) / "info.json").read_text())
+    dim = int(info.get("dim", 0))
+    return {
+        "raw": f"raw backbone features, {dim:,}-d (uncompressed reference)",
+        "pca64": "PCA-64 of those (64-d, no training)",
+        "head": "trained 64-d head (the exported model)",
+    }
+
+
+def mp5_table(
+    title: str, metrics: dict, console: Console, labels: dict[str, str] | None = None
+) -> dict[str, dict[str, float]]:
     """Print mP@5 per domain for every method in an evaluate() result; return {method: {domain: mP@5}}."""
+    labels = {**METHOD_LABELS, **(labels or {})}
     methods = metrics.get("methods", {})
     domains: list[str] = sorted({d for m in methods.values() for d in m.get("per_domain", {})})
     table = Table(title=title)
@@ -103,7 +118,7 @@ def mp5_table(title: str, metrics: dict, console: Console) -> dict[str, dict[str
         per["all"] = m["overall"]["mP@5"]
         out[name] = per
         table.add_row(
-            METHOD_LABELS.get(name, name),
+            labels.get(name, name),
             *[f"{per[d]:.3f}" if d in per else "-" for d in domains],
             f"{per['all']:.3f}",
         )
@@ -150,7 +165,12 @@ def run_demo(data: Path | None, out: Path, quick: bool = True, console: Console 
     timer.run("index", build_index, model_dir / "saved_model.pt", str(subset), index_dir)
     query = _first_path(subset)
     hits = timer.run("search", search_paths, index_dir, [query], k=5)
-    table = mp5_table(f"mP@5 on held-out labels ({description})", ev, console)
+    table = mp5_table(f"mP@5 on held-out labels ({description})", ev, console, labels=_demo_labels(feats))
+    console.print(
+        "[bold]How to read it:[/bold] higher is better. The fair comparison is the trained 64-d head against "
+        "PCA-64: both are 64-d. The raw row is the backbone's full-width features, 20x larger, shown as the "
+        "uncompressed reference (the GUIE format allows 64 floats). `make model` has the full protocol."
+    )
     console.print(f"search for {query}:")
     for h in hits[0]:
         console.print(f"  {h['distance']:.3f}  {h['label']}  {h['path']}")
@@ -181,25 +201,46 @@ def _first_path(labels_csv: Path) -> str:
 
 
 PHOTO_FRACTION = 0.2  # share of each training label's photos held out for the "new photos" figure
+#: Collection-adapted index projections scored beside the fixed model (``uniembed index --adapt <spec>``).
+ADAPT_SPECS = ("pcaw256",)
+
+
+def _head_embeddings(run: Path, feats: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """A trained run's head applied to cached backbone features (all rows)."""
+    import torch
+
+    from uniembed.train import load_head
+
+    head, _ = load_head(run)
+    with torch.no_grad():
+        return np.concatenate(
+            [
+                head(torch.from_numpy(np.asarray(feats[i : i + batch], np.float32))).numpy()
+                for i in range(0, len(feats), batch)
+            ]
+        )
 
 
 def build_model(
     data: Path | None, out: Path, config: Path, work: Path, lodo: bool = True, console: Console | None = None
 ) -> dict:
-    """The project's best offline recipe (configs/model.yaml) on the shared data: train, evaluate on unseen
-    labels and on every left-out domain, export the GUIE model with its card and report."""
+    """The project's recipe (configs/model.yaml) on every shared domain: choose/verify it by
+    leave-one-domain-out on a merged index (the primary figure), score unseen labels and new photos of known
+    labels (secondary), then train the shipped model on every label of every domain and export it."""
     from uniembed.data.demo_data import resolve_demo_data
     from uniembed.data.prepare import prepare
     from uniembed.eval.evaluate import evaluate
+    from uniembed.eval.lodo import leave_one_domain_out, lodo_means
     from uniembed.export.guie import export_guie
     from uniembed.features.extract import extract
     from uniembed.train import TrainConfig, train
+    from uniembed.train.data import load_features
 
     console = console or Console()
     timer = StepTimer(console)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    csvs, description, kind = resolve_demo_data(data, console=console)
+    csvs, description, kind = resolve_demo_data(data, console=console, shared_sets=None)
     console.print(f"[bold]data:[/bold] {description}")
     base = TrainConfig.from_yaml(config)
     ds = work / "data"
@@ -207,68 +248,78 @@ def build_model(
     feats = timer.run(
         "extract", extract, ds, backbone=base.backbone, pooling=base.pooling, out_root=work / "features"
     )
-    base.features = [str(feats)]
-    base.out = str(work / "runs" / "model")
-    run = timer.run("train", train, base, overwrite=True)
-    report: dict[str, Any] = {"data": description, "config": str(config), "backbone": base.backbone}
-    ev = timer.run(
-        "evaluate (unseen labels)",
-        evaluate,
-        run,
-        out_dir=out / "evaluation",
-        split="val",
-        compare=baselines_for(base.pooling),
-    )
-    report["unseen_labels"] = mp5_table("mP@5, unseen labels of the training domains", ev, console)
-    if lodo:
 
-        def side_run(name: str, step: str, split: str, domains: list[str] | None = None, **split_cfg) -> dict:
-            """One more training of the same recipe on the same features (split settings changed), scored
-            on ``split`` next to the baselines: the new-photos run and each leave-one-domain-out rotation."""
-            cfg = TrainConfig.from_yaml(config)
-            cfg.features = [str(feats)]
-            cfg.out = str(work / "runs" / name)
-            cfg.progress = False
-            if domains:
-                cfg.train_domains = [d for d in all_domains if d not in domains]
-            for k, v in split_cfg.items():
-                setattr(cfg.split, k, v)
-            r = timer.run(step, train, cfg, overwrite=True)
-            return evaluate(
-                r,
-                out_dir=out / "evaluation" / name,
-                split=split,
-                domains=domains,
-                compare=baselines_for(base.pooling),
-                progress=False,
+    def run_recipe(name: str, step: str, train_domains: list[str] | None = None, **split_cfg: Any) -> Path:
+        """One training of the recipe on the cached features, with the split settings changed."""
+        cfg = TrainConfig.from_yaml(config)
+        cfg.features = [str(feats)]
+        cfg.out = str(work / "runs" / name)
+        cfg.progress = False
+        cfg.train_domains = train_domains
+        for k, v in split_cfg.items():
+            setattr(cfg.split, k, v)
+        return timer.run(step, train, cfg, overwrite=True)
+
+    report: dict[str, Any] = {
+        "data": description,
+        "config": str(config),
+        "backbone": base.backbone,
+        "pooling": base.pooling,
+        "runs": {},
+    }
+    if lodo:
+        fs, names, _ = load_features([str(feats)])
+        x = np.asarray(fs.features, np.float32)
+        all_domains = sorted(set(fs.domains.tolist()))
+        report["domains"] = all_domains
+
+        def embed_without(left_out: str) -> np.ndarray:
+            others = [d for d in all_domains if d != left_out]
+            r = run_recipe(f"lodo-{left_out}", f"train without {left_out}", others, val_fraction=0.0)
+            return _head_embeddings(r, x)
+
+        def show(left_out: str, scores: dict[str, float]) -> None:
+            console.print(
+                f"  left out [bold]{left_out}[/bold]: " + ", ".join(f"{m} {v:.3f}" for m, v in scores.items())
             )
 
-        all_domains = sorted(ev["methods"]["head"]["per_domain"])
-        # Known products, new photos: the same recipe with PHOTO_FRACTION of each training label's photos
-        # held out, scored among those photos. A head that generalises but forgets its training labels
-        # fails here.
-        e = side_run(
-            "photos",
-            f"train ({PHOTO_FRACTION:.0%} of the photos held out)",
-            "photos",
-            photo_fraction=PHOTO_FRACTION,
+        console.rule("[bold]leave-one-domain-out, merged index of every domain (the recipe's yardstick)")
+        t0 = time.perf_counter()
+        scores = leave_one_domain_out(x, names, fs.domains, embed_without, ADAPT_SPECS, on_domain=show)
+        timer.times["leave-one-domain-out (scoring)"] = (
+            time.perf_counter() - t0 - sum(v for k, v in timer.times.items() if k.startswith("train without"))
+        )
+        report["leave_one_domain_out"] = scores
+        report["lodo_mean"] = lodo_means(scores)
+        report["runs"]["leave_one_domain_out"] = f"{len(all_domains)} runs ({work / 'runs'}/lodo-*), each "
+        "trained on every label of the other domains"
+        _lodo_summary(scores, console)
+
+        # Secondary columns: unseen labels of the training domains, new photos of the training labels.
+        r = run_recipe("unseen-labels", "train (half of each domain's labels held out)")
+        ev = evaluate(
+            r,
+            out_dir=out / "evaluation" / "unseen-labels",
+            split="val",
+            compare=baselines_for(base.pooling),
+            progress=False,
+        )
+        report["unseen_labels"] = mp5_table("mP@5, unseen labels of the training domains", ev, console)
+        report["runs"]["unseen_labels"] = f"{r}: half of each domain's labels held out (split.val_fraction)"
+        r = run_recipe(
+            "photos", f"train ({PHOTO_FRACTION:.0%} of the photos held out)", photo_fraction=PHOTO_FRACTION
+        )
+        e = evaluate(
+            r,
+            out_dir=out / "evaluation" / "photos",
+            split="photos",
+            compare=baselines_for(base.pooling),
+            progress=False,
         )
         report["new_photos"] = mp5_table("mP@5, new photos of the training labels", e, console)
-        report["leave_one_domain_out"] = {}
-        for left_out in all_domains:
-            e = side_run(
-                f"lodo-{left_out}",
-                f"train without {left_out}",
-                "val",
-                domains=[left_out],
-                unseen_domains_all_labels=True,
-            )
-            trained_on = ", ".join(d for d in all_domains if d != left_out)
-            per = mp5_table(f"mP@5 on {left_out}, trained on {trained_on}", e, console)
-            report["leave_one_domain_out"][left_out] = {
-                m: v[left_out] for m, v in per.items() if left_out in v
-            }
-        _lodo_summary(report["leave_one_domain_out"], console)
+        report["runs"]["new_photos"] = f"{r}: {PHOTO_FRACTION:.0%} of each training label's photos held out"
+    run = run_recipe("model", "train the shipped model (every label of every domain)", val_fraction=0.0)
+    report["runs"]["shipped"] = f"{run}: every label of every domain (exported as saved_model.pt)"
     export = timer.run("export", export_guie, run, out, onnx=True, parity_images=8)
     report["export"] = {k: export.get(k) for k in ("fingerprint", "parity") if k in export}
     report["seconds"] = timer.times
@@ -280,7 +331,8 @@ def build_model(
             out / "universality.png",
             report["unseen_labels"],
             report["leave_one_domain_out"],
-            METHOD_LABELS,
+            {m: _method_label(m) for v in report["leave_one_domain_out"].values() for m in v}
+            | {m: _method_label(m) for m in report["unseen_labels"]},
             new_photos=report.get("new_photos"),
         )
     _write_report_md(report, out / "report.md")
@@ -298,54 +350,84 @@ def build_model(
 
 
 def _lodo_summary(lodo: dict[str, dict[str, float]], console: Console) -> None:
-    methods = sorted({m for v in lodo.values() for m in v})
-    table = Table(title="leave-one-domain-out: mP@5 on the left-out domain")
+    """Mean over the left-out domains first (the figure that picks the recipe), then each domain."""
+    from uniembed.eval.lodo import lodo_means
+
+    means = lodo_means(lodo)
+    methods = sorted(means, key=lambda m: -means[m])
+    table = Table(title="leave-one-domain-out, merged index: mP@5 of each left-out domain's queries")
     table.add_column("method")
+    table.add_column("MEAN", justify="right", style="bold")
     for d in lodo:
         table.add_column(d, justify="right")
-    table.add_column("mean", justify="right")
     for m in methods:
-        vals = [lodo[d].get(m, float("nan")) for d in lodo]
-        table.add_row(METHOD_LABELS.get(m, m), *[f"{v:.3f}" for v in vals], f"{sum(vals) / len(vals):.3f}")
+        table.add_row(
+            _method_label(m), f"{means[m]:.3f}", *[f"{lodo[d].get(m, float('nan')):.3f}" for d in lodo]
+        )
     console.print(table)
+
+
+def _method_label(m: str) -> str:
+    from uniembed.eval.lodo import LODO_METHOD_LABELS, adapted_label
+
+    if m.startswith("adapted_"):
+        return adapted_label(m.removeprefix("adapted_"))
+    return LODO_METHOD_LABELS.get(m) or METHOD_LABELS.get(m, m)
 
 
 def _write_report_md(report: dict, path: Path) -> None:
     lines = [
         f"# uniembed model report\n\nData: {report['data']}  \nConfig: `{report['config']}`  \n"
-        f"Backbone: `{report['backbone']}`\n"
+        f"Backbone: `{report['backbone']}`, pooling `{report.get('pooling', '')}`\n"
     ]
 
-    def table(title: str, rows: dict[str, dict[str, float]]) -> None:
-        cols = sorted({c for v in rows.values() for c in v})
+    def table(title: str, rows: dict[str, dict[str, float]], first: str | None = None) -> None:
+        cols = sorted({c for v in rows.values() for c in v} - {first})
+        cols = ([first] if first else []) + cols
         lines.append(f"\n## {title}\n\n| method | " + " | ".join(cols) + " |")
         lines.append("|---" * (len(cols) + 1) + "|")
         for m, v in rows.items():
             lines.append(
-                f"| {METHOD_LABELS.get(m, m)} | "
-                + " | ".join(f"{v.get(c, float('nan')):.3f}" for c in cols)
-                + " |"
+                f"| {_method_label(m)} | " + " | ".join(f"{v.get(c, float('nan')):.3f}" for c in cols) + " |"
             )
 
-    table("mP@5 on unseen labels of the training domains", report["unseen_labels"])
-    if "new_photos" in report:
-        table(
-            f"mP@5 on new photos of the training labels ({PHOTO_FRACTION:.0%} of each label's photos "
-            "held out of a second training run, scored among themselves)",
-            report["new_photos"],
-        )
     if "leave_one_domain_out" in report:
         by_method: dict[str, dict[str, float]] = {}
         for dom, vals in report["leave_one_domain_out"].items():
             for m, v in vals.items():
                 by_method.setdefault(m, {})[dom] = v
-        for v in by_method.values():
-            v["mean"] = sum(v.values()) / len(v)
-        table("mP@5 on the left-out domain (trained on the other two)", by_method)
+        for m, v in by_method.items():
+            v["MEAN"] = report["lodo_mean"][m]
+        by_method = dict(sorted(by_method.items(), key=lambda kv: -kv[1]["MEAN"]))
+        head = report["lodo_mean"].get("head")
+        raw = report["lodo_mean"].get("raw")
+        lines.append(
+            "\n## Leave-one-domain-out, merged index (the figure that picks the recipe)\n\n"
+            f"**Mean over the {len(by_method['raw']) - 1} left-out domains: trained 64-d head {head:.3f}, "
+            f"raw full-width backbone features {raw:.3f} (ratio {head / raw:.3f}).**\n\n"
+            "Each domain in turn is left out of training; the head trained on the others embeds every image, "
+            "and the left-out domain's images query the merged index of all domains (the rest are "
+            "distractors)."
+        )
+        table("mP@5 of each left-out domain's queries", by_method, first="MEAN")
+    if "unseen_labels" in report:
+        table(
+            "Secondary: mP@5 on unseen labels of the training domains (half of each domain's labels "
+            "held out; scored within the domain)",
+            report["unseen_labels"],
+        )
+    if "new_photos" in report:
+        table(
+            f"Secondary: mP@5 on new photos of the training labels ({PHOTO_FRACTION:.0%} of each label's "
+            "photos held out of a training run, scored among themselves)",
+            report["new_photos"],
+        )
+    lines.append("\n## Which run is which\n")
+    lines += [f"- {k}: {v}" for k, v in report.get("runs", {}).items()]
     if "leave_one_domain_out" in report:
         from uniembed.eval.universality import universality_checks
 
-        lines.append("\n## Universality checks (issue #6; `scripts/check_universality.py <this dir>`)\n")
+        lines.append("\n## Universality checks (`scripts/check_universality.py <this dir>`)\n")
         lines.append("![mP@5 per domain and method](universality.png)\n")
         lines += [
             f"- {'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}" for c in universality_checks(report)

@@ -79,6 +79,10 @@ def find_labels_csvs(data: Path) -> list[Path]:
     return found
 
 
+#: The shared sets the quick demo uses (packaged goods, produce, turntable toys).
+DEMO_SETS = ("grocery_store", "coil100")
+
+
 def resolve_demo_data(
     data: Path | str | None = None,
     *,
@@ -89,9 +93,13 @@ def resolve_demo_data(
     timeout: float = 4.0,
     smoke_views: int = 6,
     console=None,
+    shared_sets: tuple[str, ...] | None = DEMO_SETS,
 ) -> tuple[list[Path], str, str]:
     """Return ``(labels_csv_paths, description, kind)`` with kind in ``data``, ``shared``, ``download``,
     ``smoke`` (order in the module docstring).
+
+    ``shared_sets``: which folders of the shared data to use (None: every folder with a labels.csv, as
+    ``uniembed model`` does -- its recipe is chosen over every domain there).
 
     ``shared`` defaults to ``shared_data_dir()`` (pass None to skip it); ``download`` defaults to on unless
     ``$UNIEMBED_OFFLINE`` is set; ``timeout`` bounds the connection attempt in seconds.
@@ -106,7 +114,10 @@ def resolve_demo_data(
     shared_dir = shared_data_dir() if shared is _AUTO else shared
     if shared_dir is not None:
         shared_dir = Path(shared_dir)
-        csvs = [shared_dir / s / "labels.csv" for s in ("grocery_store", "coil100")]
+        if shared_sets is None:
+            csvs = sorted(shared_dir.glob("*/labels.csv"))
+        else:
+            csvs = [shared_dir / s / "labels.csv" for s in shared_sets]
         csvs = [c for c in csvs if c.is_file()]
         if csvs:
             names = ", ".join(c.parent.name for c in csvs)

@@ -90,14 +90,24 @@ def knn(
     k: int = 5,
     exclude_self: bool = False,
     block: int = 2048,
+    query_rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact Euclidean k-NN in blocks (memory stays O(block x N)). ``exclude_self`` needs index=None.
 
+    ``query_rows``: search only these rows of ``queries`` (still against all of them, each query excluding
+    itself) -- the merged-index protocol, where one domain's images query the index of every domain.
     Returns ``min(k, available)`` columns; ties are broken by lower index position."""
     q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
     x = q if index is None else torch.as_tensor(np.asarray(index, dtype=np.float32))
     if exclude_self and index is not None:
         raise ValueError("exclude_self applies to leave-one-out search (index=None)")
+    if query_rows is not None:
+        if index is not None:
+            raise ValueError("query_rows applies to leave-one-out search (index=None)")
+        rows_all = torch.as_tensor(np.asarray(query_rows, dtype=np.int64))
+        q = x[rows_all]
+    else:
+        rows_all = torch.arange(q.shape[0])
     if index is not None and x.shape[1] != q.shape[1]:
         raise ValueError(f"query dim {q.shape[1]} != index dim {x.shape[1]}")
     k_eff = max(0, min(k, x.shape[0] - (1 if exclude_self else 0)))
@@ -108,7 +118,7 @@ def knn(
         d2 = ((qb * qb).sum(1, keepdim=True) + x_sq[None, :] - 2.0 * qb @ x.T).clamp_min(0)
         if exclude_self:
             rows = torch.arange(qb.shape[0])
-            d2[rows, rows + s] = float("inf")
+            d2[rows, rows_all[s : s + block]] = float("inf")
         d, i = _topk_stable(d2, k_eff)
         all_d.append(d.sqrt())
         all_i.append(i)
@@ -124,15 +134,19 @@ def retrieval_metrics(
     index_labels: np.ndarray | None = None,
     k: int = 5,
     map_k: int = 100,
+    query_rows: np.ndarray | None = None,
 ) -> RetrievalResult:
     """Score queries against an index. With ``index_emb=None`` every query searches all the others
-    (leave-one-out), which is the protocol used throughout this project."""
+    (leave-one-out), which is the protocol used throughout this project; ``query_rows`` then scores only
+    those rows as queries, each still searching every other row (one domain against the merged index)."""
     loo = index_emb is None
     q = torch.as_tensor(np.asarray(query_emb, dtype=np.float32))
     _check_embeddings("query embeddings", q)
     q_labels = np.asarray(query_labels)
     if len(q_labels) != q.shape[0]:
         raise ValueError(f"{len(q_labels)} query labels for {q.shape[0]} query embeddings")
+    if query_rows is not None and not loo:
+        raise ValueError("query_rows applies to leave-one-out scoring (index_emb=None)")
     if loo:
         idx_labels = q_labels
     else:
@@ -144,8 +158,10 @@ def retrieval_metrics(
         if len(idx_labels) != x.shape[0]:
             raise ValueError(f"{len(idx_labels)} index labels for {x.shape[0]} index embeddings")
     depth = max(k, map_k)
-    dist, nbr = knn(q, None if loo else x, k=depth, exclude_self=loo)
-    n_queries = q.shape[0]
+    dist, nbr = knn(q, None if loo else x, k=depth, exclude_self=loo, query_rows=query_rows)
+    if query_rows is not None:
+        q_labels = q_labels[np.asarray(query_rows, dtype=np.int64)]
+    n_queries = nbr.shape[0]
     # An index smaller than `depth` gives fewer columns: pad with -1 (never relevant) so shapes stay fixed.
     if nbr.shape[1] < depth:
         pad = depth - nbr.shape[1]

@@ -271,9 +271,9 @@ def plot_universality(
     labels: dict[str, str] | None = None,
     new_photos: dict | None = None,
 ) -> Path:
-    """Panels of grouped bars from a ``uniembed model`` report: mP@5 on unseen labels of the training
-    domains, on each left-out domain (+ the mean over rotations) and, when given, on new photos of the
-    training labels; one bar per method."""
+    """Panels of grouped bars from a ``uniembed model`` report: mP@5 on each left-out domain (+ the mean over
+    rotations; the primary figure, first and widest), on unseen labels of the training domains and, when
+    given, on new photos of the training labels; one bar per method."""
     plt = _plt()
     labels = labels or {}
     by_method: dict[str, dict[str, float]] = {}
@@ -283,13 +283,20 @@ def plot_universality(
     for v in by_method.values():
         v["mean"] = float(np.mean(list(v.values())))
     panels = [
+        ("left-out domain, merged index (trained on the others)", by_method),
         ("unseen labels of the training domains", unseen),
-        ("left-out domain (trained on the others)", by_method),
     ]
     if new_photos:
         panels.append(("new photos of the training labels", new_photos))
-    methods = list(dict.fromkeys([*unseen, *by_method, *(new_photos or {})]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.0), squeeze=False)
+    methods = list(dict.fromkeys([*by_method, *unseen, *(new_photos or {})]))
+    widths = [max(3, len({g for v in rows.values() for g in v})) for _, rows in panels]
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(1.6 * sum(widths) + 1.5, 5.0),
+        squeeze=False,
+        gridspec_kw={"width_ratios": widths},
+    )
     floor = bar_floor([v for _, rows in panels for per in rows.values() for v in per.values()])
     width = 0.8 / max(1, len(methods))
     for ax, (title, rows) in zip(axes[0], panels, strict=True):
@@ -307,9 +314,6 @@ def plot_universality(
         ax.set_ylabel("mP@5")
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].axhline(0.95, color="black", lw=0.8, ls="--")  # issue #6's unseen-label bar
-    if new_photos:
-        axes[0][2].axhline(0.95, color="black", lw=0.8, ls="--")
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=min(len(names), 5), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))

@@ -1,11 +1,15 @@
-"""Issue #6's acceptance, checked on a ``uniembed model`` report (``artifacts/model/report.json``).
+"""The universality acceptance, checked on a ``uniembed model`` report (``artifacts/model/report.json``).
 
-Three checks, each against the *backbone's own* features (for a ``+colour`` pooling the CNN columns alone,
-``raw_cnn`` / ``pca64_cnn``; otherwise ``raw`` / ``pca64``):
+On the leave-one-domain-out protocol with a merged index (eval/lodo.py), against the *backbone's own*
+features (for a ``+colour`` pooling the CNN columns alone, ``raw_cnn`` / ``pca64_cnn``; otherwise ``raw`` /
+``pca64``):
 
 1. the 64-d head beats PCA-64 of the backbone features on every left-out domain;
-2. on the mean over the leave-one-domain-out rotations it matches or beats the raw full-width features;
-3. on unseen labels of the training domains its mP@5 is >= 0.95 on every domain.
+2. its mean over the left-out domains is at least ``RAW_RATIO_TARGET`` (0.95) of the raw full-width
+   features' mean -- the ratio is the figure reported; the target is the aim;
+
+and, as a secondary column, the unseen-label mP@5 >= 0.95 on every training domain (the first universality
+issue's bar, which no frozen offline backbone has met; docs/experiments.md).
 
 Kept as a function over the report (not inside ``build_model``) so the same verdict can be printed for any
 model directory, and tested on a synthetic report.
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 UNSEEN_LABEL_TARGET = 0.95
+RAW_RATIO_TARGET = 0.95
 
 
 @dataclass
@@ -34,8 +39,10 @@ def _backbone_methods(methods: set[str]) -> tuple[str, str]:
     return "raw", "pca64"
 
 
-def universality_checks(report: dict, target: float = UNSEEN_LABEL_TARGET) -> list[Check]:
-    """The three acceptance checks of issue #6 on a ``build_model`` report dict."""
+def universality_checks(
+    report: dict, target: float = UNSEEN_LABEL_TARGET, ratio_target: float = RAW_RATIO_TARGET
+) -> list[Check]:
+    """The acceptance checks on a ``build_model`` report dict (see the module docstring)."""
     lodo: dict[str, dict[str, float]] = report.get("leave_one_domain_out") or {}
     unseen: dict[str, dict[str, float]] = report.get("unseen_labels") or {}
     if not lodo or not unseen:
@@ -58,11 +65,12 @@ def universality_checks(report: dict, target: float = UNSEEN_LABEL_TARGET) -> li
     )
     head_mean = sum(lodo[d]["head"] for d in domains) / len(domains)
     raw_mean = sum(lodo[d][raw] for d in domains) / len(domains)
+    ratio = head_mean / raw_mean if raw_mean > 0 else float("nan")
     checks.append(
         Check(
-            f"head >= {raw} on the left-out mean",
-            head_mean >= raw_mean - 1e-9,
-            f"{head_mean:.3f} vs {raw_mean:.3f} (mean over {len(domains)} rotations)",
+            f"head >= {ratio_target:.2f} x {raw} on the left-out mean",
+            ratio >= ratio_target - 1e-9,
+            f"{head_mean:.3f} vs {raw_mean:.3f}: ratio {ratio:.3f} (mean of {len(domains)} left-out domains)",
         )
     )
     head_unseen = {d: v for d, v in unseen.get("head", {}).items() if d != "all"}

@@ -17,6 +17,15 @@ import torch
 from torch import nn
 
 from uniembed.models.colour import ColourHistogram, WithColour, split_colour
+from uniembed.models.ensemble import (
+    ENSEMBLE_SEP,
+    EnsembleNet,
+    Member,
+    MemberInput,
+    combined_hash,
+    ensemble_preprocess,
+    split_members,
+)
 from uniembed.models.preprocess import ImagePreprocessor, PreprocessConfig
 
 
@@ -62,16 +71,20 @@ def register_backbone(name: str, *, prefix: bool = False) -> Callable[[BackboneB
 
 def list_backbones() -> list[str]:
     _ensure_loaded()
-    return sorted(_REGISTRY) + [f"{p}:<name>" for p in sorted(_PREFIX_REGISTRY)]
+    return sorted(_REGISTRY) + [f"{p}:<name>" for p in sorted(_PREFIX_REGISTRY)] + ["<a>+<b> (ensemble)"]
 
 
 def create_backbone(name: str, *, pretrained: bool = True, pooling: str = "avg", **kwargs: Any) -> Backbone:
     """Build a registered backbone, e.g. ``mobilenetv2``, ``efficientnet_lite2``,
-    ``timm:vit_base_patch16_224``, ``open_clip:ViT-H-14/laion2b_s32b_b79k``.
+    ``timm:vit_base_patch16_224``, ``open_clip:ViT-H-14/laion2b_s32b_b79k``, or an ensemble of them joined
+    with ``+`` (``mobilenetv2+efficientnet_lite2``: members L2-normalised, then concatenated).
     ``pretrained=False`` gives random weights from a fixed seed (offline tests)."""
     _ensure_loaded()
     full_pooling = pooling
     pooling, colour = split_colour(pooling)
+    if ENSEMBLE_SEP in name and name not in _REGISTRY:
+        bb = _ensemble(split_members(name), pretrained=pretrained, pooling=pooling, **kwargs)
+        return _finish(bb, full_pooling, colour)
     if name in _REGISTRY:
         build = functools.partial(_REGISTRY[name], pretrained=pretrained, pooling=pooling, **kwargs)
     elif ":" in name and name.split(":", 1)[0] in _PREFIX_REGISTRY:
@@ -91,12 +104,46 @@ def create_backbone(name: str, *, pretrained: bool = True, pooling: str = "avg",
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             bb = build()
+    return _finish(bb, full_pooling, colour)
+
+
+def _finish(bb: Backbone, full_pooling: str, colour: bool) -> Backbone:
+    """Optional colour block, then eval mode and frozen parameters."""
     if colour:
         bb = _add_colour(bb, full_pooling)
     bb.module.eval()
     for p in bb.module.parameters():
         p.requires_grad_(False)
     return bb
+
+
+def _ensemble(names: list[str], *, pretrained: bool, pooling: str, **kwargs: Any) -> Backbone:
+    """``a+b``: every member built with the same pooling and its own preprocessing (models/ensemble.py)."""
+    members = [create_backbone(n, pretrained=pretrained, pooling=pooling, **kwargs) for n in names]
+    pre = ensemble_preprocess([m.preprocess for m in members])
+    net = EnsembleNet([Member(MemberInput(m.preprocess), m.module) for m in members])
+    info = {
+        "members": [
+            {
+                "name": m.name,
+                "dim": m.dim,
+                "pooling": m.pooling,
+                "preprocess": m.preprocess.to_dict(),
+                "weights": m.weights,
+            }
+            for m in members
+        ]
+    }
+    return Backbone(
+        ENSEMBLE_SEP.join(m.name for m in members),
+        net,
+        pre,
+        sum(m.dim for m in members),
+        members[0].pooling,
+        " | ".join(m.weights for m in members),
+        combined_hash([m.weights_hash for m in members]),
+        info,
+    )
 
 
 def _add_colour(bb: Backbone, pooling: str) -> Backbone:

@@ -252,6 +252,8 @@ def create_app(
             "model_fingerprint": embedder.fingerprint,
             "engine": embedder.engine,
             "index_type": index.info["index"]["type"],
+            # `index --adapt`: spec, dim, fitted_on, fitted_at, backbone, ...; None for a fixed-model index.
+            "projection": index.projection,
             "default_k": default_k,
             "max_k": max_k,
             "max_upload_mb": max_upload_mb,

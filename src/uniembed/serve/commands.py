@@ -47,15 +47,6 @@ def _fail(msg: str, code: int = 2) -> typer.Exit:
 
 
 def index_command(
-    model: Annotated[
-        Path,
-        typer.Option(
-            "--model",
-            "-m",
-            help="GUIE TorchScript saved_model.pt (or the export "
-            "folder holding it) used to embed the images.",
-        ),
-    ],
     images: Annotated[
         list[Path],
         typer.Option(
@@ -74,6 +65,47 @@ def index_command(
             "--out", "-o", help="Index directory to write (replaced atomically; with --add, extended)."
         ),
     ] = Path("artifacts/index"),
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="GUIE TorchScript saved_model.pt (or the export folder holding it) used to embed the "
+            "images. Not used with --adapt (the index then fits and stores its own query model).",
+        ),
+    ] = None,
+    adapt: Annotated[
+        str | None,
+        typer.Option(
+            "--adapt",
+            help="Collection-adapted index: embed the images with the frozen --backbone, fit a projection "
+            "on those features (no labels) and store it with a query model in the index. 'pca<D>' (PCA to D "
+            "dims), 'pcaw<D>' (PCA + square-root whitening), 'pcaw<D>@<power>' (whitening power in [0,1]; "
+            "1 = full whitening). D <= min(images, feature dim). With --add --refit: refit to this spec.",
+        ),
+    ] = None,
+    backbone: Annotated[
+        str | None,
+        typer.Option(
+            "--backbone",
+            help="With --adapt: backbone computing the features (mobilenetv2, efficientnet_lite0/1/2, "
+            "timm:<name>, ...). With --add on an adapted index it defaults to the stored one.",
+        ),
+    ] = None,
+    pooling: Annotated[
+        str | None,
+        typer.Option(
+            "--pooling", help="With --adapt: the backbone's pooling (avg, gem, avg+stages, ...; default avg)."
+        ),
+    ] = None,
+    refit: Annotated[
+        bool,
+        typer.Option(
+            "--refit",
+            help="With --add on an adapted index: refit the projection on all stored features (old + new) "
+            "and rewrite every vector and the query model (without it, --add keeps the projection).",
+        ),
+    ] = False,
     index_type: Annotated[str, typer.Option("--type", "-t", help=INDEX_TYPE_HELP)] = "auto",
     add: Annotated[
         bool,
@@ -152,7 +184,8 @@ def index_command(
     engine: EngineOption = "auto",
     threads: ThreadsOption = None,
 ) -> None:
-    """Embed images with a saved_model.pt and build (or --add to) a FAISS index for search and serve."""
+    """Embed images with a saved_model.pt (or, with --adapt, a backbone + a projection fitted on the images)
+    and build (or --add to) a FAISS index for search and serve."""
     from rich.console import Console
     from rich.table import Table
 
@@ -161,6 +194,12 @@ def index_command(
 
     if index_type not in INDEX_TYPES:
         raise _fail(f"--type must be one of {', '.join(INDEX_TYPES)}, got {index_type!r}")
+    if adapt is not None and model is not None:
+        raise _fail("--adapt fits its own projection and query model: give --backbone NAME, not --model")
+    if adapt is not None and backbone is None and not add:
+        raise _fail("--adapt needs --backbone NAME (e.g. mobilenetv2) to compute the features")
+    if model is not None and (backbone is not None or pooling is not None):
+        raise _fail("--backbone/--pooling are only used with --adapt; a --model embeds the images itself")
     params = {
         k: v
         for k, v in {
@@ -188,6 +227,10 @@ def index_command(
             thumb_size=thumb_size,
             engine=engine,
             threads=threads,
+            adapt=adapt,
+            backbone=backbone,
+            pooling=pooling,
+            refit=refit,
         )
     except (ImageIndexError, ModelError) as e:
         raise _fail(str(e)) from None
@@ -198,6 +241,13 @@ def index_command(
     t.add_row("skipped", f"{len(res.skipped)} " + (str(res.skipped_counts) if res.skipped else ""))
     t.add_row("index", f"{res.index_type} {res.params or ''}")
     t.add_row("model fingerprint", res.fingerprint)
+    if res.adapt:
+        a = res.adapt
+        t.add_row(
+            "projection",
+            f"{a['spec']} ({a['dim']}-d of {a['backbone']} {a['feature_dim']}-d, fitted on {a['fitted_on']} "
+            f"images, {a['explained_variance']:.1%} of the variance) -> {res.out_dir / a['query_model']}",
+        )
     t.add_row("engine", f"{res.embedder.get('engine')}, {res.embedder.get('threads')} thread(s)")
     t.add_row("time", f"{res.seconds:.1f} s ({res.added / max(res.seconds, 1e-9):.0f} images/s)")
     console.print(t)
@@ -220,7 +270,7 @@ def search_command(
             "-m",
             help="saved_model.pt to embed queries with "
             "(default: the model recorded in the index; it must have the "
-            "same fingerprint).",
+            "same fingerprint). An index built with --adapt uses its own query_model.pt.",
         ),
     ] = None,
     as_json: Annotated[
@@ -253,6 +303,9 @@ def search_command(
         except BadImageError as e:
             failed.append({"query": str(p), "error": str(e)})
     all_hits = ix.search_batch(embedder.embed_images(pil), k) if pil else []
+    if ix.adapted and not as_json:  # JSON output stays machine-readable; the projection is in index.json
+        line = f"{ix.describe_projection()} ({ix.query_model_path()})"
+        Console(soft_wrap=True).print(line, highlight=False)
 
     if as_json:
         out = [
@@ -293,8 +346,8 @@ def serve_command(
             "--model",
             "-m",
             help="saved_model.pt for query embeddings "
-            "(default: the one recorded in the index). The service refuses "
-            "to start if its fingerprint differs from the index's.",
+            "(default: the one recorded in the index; an index built with --adapt uses its own "
+            "query_model.pt). The service refuses to start if its fingerprint differs from the index's.",
         ),
     ] = None,
     host: Annotated[str, typer.Option("--host", help="Address to bind (127.0.0.1 = this machine only).")] = (
@@ -343,6 +396,8 @@ def serve_command(
         f"serving {len(app.state.index)} images (model {embedder.fingerprint}, {embedder.engine}) "
         f"on http://{host}:{port}/"
     )
+    if app.state.index.adapted:
+        typer.echo(app.state.index.describe_projection())
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

@@ -1,4 +1,5 @@
-"""Build, extend and query a FAISS image index made with a GUIE ``saved_model.pt``.
+"""Build, extend and query a FAISS image index made with a GUIE ``saved_model.pt`` (or, with ``--adapt``, with
+a projection fitted on the collection itself: see ``uniembed.serve.adapt``).
 
 Index directory layout (written atomically: a temp dir beside it, then a rename)::
 
@@ -6,6 +7,7 @@ Index directory layout (written atomically: a temp dir beside it, then a rename)
     items.csv     id,path,label,domain,source
     index.json    model fingerprint + path, index type + params, count, dim, skipped images with reasons
     thumbs/       <id>.jpg thumbnails made while indexing, so the service never reads arbitrary files
+    features.npy, projection.npz, query_model.pt   only in an index built with --adapt (see adapt.py)
 
 Distances are Euclidean (square root of FAISS's squared L2) between the model's L2-normalised embeddings,
 so they lie in [0, 2] and 0 means the same picture.
@@ -310,6 +312,34 @@ class ImageIndex:
     def dim(self) -> int:
         return int(self.info["dim"])
 
+    @property
+    def adapted(self) -> bool:
+        """Built with ``--adapt``: the index holds its own projection and query model."""
+        return isinstance(self.info.get("adapt"), dict)
+
+    @property
+    def projection(self) -> dict[str, Any] | None:
+        """The ``adapt`` block of index.json (spec, dim, fitted_on, fitted_at, backbone, ...), or None."""
+        return dict(self.info["adapt"]) if self.adapted else None
+
+    def query_model_path(self) -> Path:
+        """The model that embeds queries for this index: the stored query model of an adapted index (found
+        beside index.json, wherever the folder now lives), else the model recorded at build time."""
+        if self.adapted:
+            return self.root / str(self.info["adapt"].get("query_model") or "query_model.pt")
+        return Path(self.info["model"]["path"])
+
+    def describe_projection(self) -> str:
+        """One line for people: which projection an adapted index uses ('' for a fixed-model index)."""
+        a = self.projection
+        if a is None:
+            return ""
+        return (
+            f"projection {a['spec']} ({a['dim']}-d, whitening power {a.get('whiten_power', 0):g}) fitted on "
+            f"{a['fitted_on']} images of {a.get('backbone')} features ({a.get('feature_dim')}-d) "
+            f"at {a.get('fitted_at')}"
+        )
+
     def check_model(self, fingerprint: str) -> None:
         """Refuse a model whose vectors live in a different space than the indexed ones."""
         if fingerprint != self.fingerprint:
@@ -374,6 +404,7 @@ class BuildResult:
     seconds: float
     skipped_counts: dict[str, int] = field(default_factory=dict)
     embedder: dict[str, Any] = field(default_factory=dict)  # engine, batching, threads (as in index.json)
+    adapt: dict[str, Any] | None = None  # the projection of a collection-adapted index (index.json "adapt")
 
 
 def _thumbnail_jpeg(im: Any, size: int) -> bytes:
@@ -412,7 +443,7 @@ def _link_or_copy_tree(src: Path, dst: Path) -> None:
 
 
 def build_index(
-    model_path: str | Path,
+    model_path: str | Path | None,
     images: Sequence[str | Path] | str | Path,
     out_dir: str | Path,
     index_type: str = "auto",
@@ -426,6 +457,10 @@ def build_index(
     progress: bool = True,
     engine: str = "auto",
     threads: int | None = None,
+    adapt: str | None = None,
+    backbone: Any = None,
+    pooling: str | None = None,
+    refit: bool = False,
 ) -> BuildResult:
     """Embed ``images`` with the model and write (or with ``add`` extend) a FAISS index at ``out_dir``.
 
@@ -433,9 +468,17 @@ def build_index(
     as they are (no re-embedding); the model must be the same file (fingerprint) the index was built with,
     and paths already in the index are skipped as duplicates. ``engine``/``threads``: see
     ``uniembed.export.embedder.load_embedder`` (``threads`` None: the cores not already busy).
+
+    Collection-adapted mode (``uniembed.serve.adapt``): ``adapt`` (``pca64``, ``pcaw64``, ``pcaw256@1``...)
+    with ``backbone`` (a name for ``create_backbone(name, pooling=pooling)``, or a ``Backbone``) and no
+    ``model_path``: the images are embedded by the frozen backbone, a projection is fitted on those features
+    and a query model is written into the index. ``add`` on an adapted index keeps its projection (no model
+    needed; ``backbone`` defaults to the stored one); ``add`` + ``refit`` refits on all stored features (with
+    ``adapt``: to that spec) and rewrites every vector and the query model.
     """
     import faiss
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from uniembed.serve import adapt as ad
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -443,15 +486,12 @@ def build_index(
         images = [images]
     if index_type not in INDEX_TYPES:
         raise ImageIndexError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
-    model_file = resolve_model_path(model_path)
-    fingerprint = file_fingerprint(model_file)
 
     old: ImageIndex | None = None
     if add:
         if not (out_dir / INFO_FILE).is_file():
             raise ImageIndexError(f"--add: no index at {out_dir} to add to; build it first without --add")
         old = ImageIndex.load(out_dir)
-        old.check_model(fingerprint)
         if index_type not in ("auto", old.info["index"]["type"]):
             raise ImageIndexError(
                 f"--add keeps the existing index type {old.info['index']['type']!r}; "
@@ -459,95 +499,99 @@ def build_index(
             )
     elif out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / INFO_FILE).is_file():
         raise ImageIndexError(f"{out_dir} exists and is not an index directory; refusing to overwrite it")
+    if refit and not add:
+        raise ImageIndexError("--refit refits an existing adapted index: use it with --add")
+
+    adapted = adapt is not None or (old is not None and old.adapted)
+    plan: _AdaptPlan | None = None
+    model_file: Path | None = None
+    fingerprint = ""
+    try:
+        if adapted:
+            plan = _AdaptPlan.make(old, model_path, adapt, backbone, pooling, refit)
+        else:
+            if refit:
+                raise ImageIndexError("--refit only applies to an index built with --adapt")
+            if backbone is not None:
+                raise ImageIndexError("--backbone is only used with --adapt (a collection-adapted index)")
+            if model_path is None:
+                raise ImageIndexError(
+                    "give --model (a GUIE saved_model.pt), or --adapt SPEC --backbone NAME to fit a "
+                    "collection-adapted projection"
+                )
+            model_file = resolve_model_path(model_path)
+            fingerprint = file_fingerprint(model_file)
+            if old is not None:
+                old.check_model(fingerprint)
+    except ad.AdaptError as e:
+        raise ImageIndexError(str(e)) from e
 
     records, total = open_sources(images, domain=domain)
     if limit is not None:
         total = min(total, limit)
     known = {it["path"] for it in old.items} if old else set()
-    seen_now: set[str] = set()
     start_id = len(old) if old else 0
 
     with torch_threads(threads) as n_threads, building_dir(out_dir) as tmp:
-        embedder = load_embedder(model_file, batch_size=batch_size, engine=engine, threads=n_threads)
+        if plan is not None:
+            embedder = ad.feature_embedder(plan.backbone, batch_size)
+        else:
+            assert model_file is not None
+            embedder = load_embedder(model_file, batch_size=batch_size, engine=engine, threads=n_threads)
         thumbs = tmp / THUMBS_DIR
         if old is not None:
             _link_or_copy_tree(old.root / THUMBS_DIR, thumbs)
         thumbs.mkdir(exist_ok=True)
-        new_items: list[dict[str, str]] = []
-        vectors: list[np.ndarray] = []
-        skipped: list[dict[str, str]] = []
-        chunk_size = max(1, batch_size) * 4
-        n_workers = workers or min(8, (os.cpu_count() or 2) * 2)
-
-        def flush(chunk: list[ImageRecord], pool: ThreadPoolExecutor) -> None:
-            decoded = list(pool.map(lambda r: _decode(r, thumb_size, embedder.prepare), chunk))
-            ok = [(r, d) for r, d in zip(chunk, decoded, strict=True) if isinstance(d, tuple)]
-            skipped.extend(d for d in decoded if isinstance(d, dict))
-            if not ok:
-                return
-            emb = embedder.embed_prepared([d[0] for _, d in ok], batch_size=batch_size)
-            finite = np.isfinite(emb).all(axis=1)
-            for (r, d), vec, good in zip(ok, emb, finite, strict=True):
-                if not good:
-                    skipped.append({"path": r.path, "reason": "non-finite embedding", "detail": ""})
-                    continue
-                item_id = start_id + len(new_items)
-                (thumbs / f"{item_id}.jpg").write_bytes(d[1])
-                new_items.append(
-                    {
-                        "id": str(item_id),
-                        "path": r.path,
-                        "label": r.label,
-                        "domain": r.domain,
-                        "source": r.source,
-                    }
-                )
-                vectors.append(vec)
-
-        cols = [TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-        with (
-            Progress(*cols, disable=not progress, transient=False) as bar,
-            ThreadPoolExecutor(n_workers) as pool,
-        ):
-            task = bar.add_task("embed", total=total)
-            chunk: list[ImageRecord] = []
-            seen = 0
-            for rec in records:
-                if limit is not None and seen >= limit:
-                    break
-                seen += 1
-                if rec.path in known or rec.path in seen_now:
-                    why = "already indexed" if rec.path in known else "duplicate path"
-                    skipped.append({"path": rec.path, "reason": why, "detail": ""})
-                    bar.advance(task)
-                    continue
-                seen_now.add(rec.path)
-                chunk.append(rec)
-                if len(chunk) >= chunk_size:
-                    flush(chunk, pool)
-                    bar.advance(task, len(chunk))
-                    chunk = []
-            if chunk:
-                flush(chunk, pool)
-                bar.advance(task, len(chunk))
+        new_items, new, skipped, seen = _embed_records(
+            embedder,
+            records,
+            total,
+            limit,
+            known,
+            start_id,
+            thumbs,
+            batch_size,
+            thumb_size,
+            workers,
+            progress,
+        )
 
         counts = dict(Counter(s["reason"] for s in skipped))
-        if not vectors and old is None:
+        if not new_items and old is None:
             raise ImageIndexError(f"no image could be indexed ({seen} seen; skipped: {counts or 'none'})")
-        new = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, embedder.dim), np.float32)
+        adapt_info: dict[str, Any] | None = None
+        rebuild: np.ndarray | None = None  # all vectors, when the whole FAISS index must be rewritten
+        if plan is not None:
+            try:
+                new, rebuild, fingerprint, adapt_info = plan.finish(tmp, old, new, n_threads)
+            except ad.AdaptError as e:
+                raise ImageIndexError(str(e)) from e
+            model_record = {
+                "fingerprint": fingerprint,
+                "path": str((out_dir / ad.QUERY_MODEL).resolve()),
+                "adapted": True,
+            }
+        else:
+            assert model_file is not None
+            model_record = {"fingerprint": fingerprint, "path": str(model_file.resolve())}
 
         if old is not None:
             kind = old.info["index"]["type"]
             kind_params = dict(old.info["index"].get("params", {}))
             kind_params.update(params or {})
-            index = old.index
-            if new.shape[0] and new.shape[1] != old.dim:
-                raise ImageIndexError(f"model gives {new.shape[1]}-d vectors, index holds {old.dim}-d")
-            apply_search_params(index, kind, kind_params)
-            if new.shape[0]:
-                index.add(new)
             items = old.items + new_items
             prev_skipped = list(old.info.get("skipped", []))
+            if rebuild is not None:
+                index = make_faiss_index(rebuild, kind, kind_params)
+                dim = int(rebuild.shape[1])
+            else:
+                index = old.index
+                if new.shape[0] and new.shape[1] != old.dim:
+                    raise ImageIndexError(f"model gives {new.shape[1]}-d vectors, index holds {old.dim}-d")
+                apply_search_params(index, kind, kind_params)
+                if new.shape[0]:
+                    index.add(new)
+                dim = old.dim
         else:
             kind = choose_index_type(len(new)) if index_type == "auto" else index_type
             kind_params = default_params(kind, len(new), new.shape[1])
@@ -555,6 +599,7 @@ def build_index(
             index = make_faiss_index(new, kind, kind_params)
             items = new_items
             prev_skipped = []
+            dim = int(new.shape[1])
 
         faiss.write_index(index, str(tmp / INDEX_FILE))
         with open(tmp / ITEMS_FILE, "w", newline="", encoding="utf-8") as f:
@@ -564,7 +609,7 @@ def build_index(
         all_skipped = prev_skipped + skipped
         info = {
             "version": 1,
-            "model": {"fingerprint": fingerprint, "path": str(model_file.resolve())},
+            "model": model_record,
             "embedder": {**embedder.describe(), "threads": n_threads},
             "index": {
                 "type": kind,
@@ -573,7 +618,7 @@ def build_index(
                 "requested": old.info["index"].get("requested", "auto") if old else index_type,
             },
             "count": len(items),
-            "dim": int(new.shape[1]),
+            "dim": dim,
             "thumb_size": thumb_size,
             "sources": sorted({*(old.info.get("sources", []) if old else []), *(str(p) for p in images)}),
             "skipped": all_skipped,
@@ -581,6 +626,8 @@ def build_index(
             "created": old.info.get("created") if old else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if adapt_info is not None:
+            info["adapt"] = adapt_info
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
     return BuildResult(
         out_dir=out_dir,
@@ -593,7 +640,206 @@ def build_index(
         seconds=time.perf_counter() - t0,
         skipped_counts=counts,
         embedder=info["embedder"],
+        adapt=adapt_info,
     )
+
+
+def _embed_records(
+    embedder: Embedder,
+    records: Iterator[ImageRecord],
+    total: int,
+    limit: int | None,
+    known: set[str],
+    start_id: int,
+    thumbs: Path,
+    batch_size: int,
+    thumb_size: int,
+    workers: int | None,
+    progress: bool,
+) -> tuple[list[dict[str, str]], np.ndarray, list[dict[str, str]], int]:
+    """Decode (worker threads), thumbnail and embed a record stream: (new items, their vectors [n, D],
+    skipped entries, records seen). Paths in ``known`` or repeated are skipped; ids start at ``start_id``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    new_items: list[dict[str, str]] = []
+    vectors: list[np.ndarray] = []
+    skipped: list[dict[str, str]] = []
+    seen_now: set[str] = set()
+    chunk_size = max(1, batch_size) * 4
+    n_workers = workers or min(8, (os.cpu_count() or 2) * 2)
+
+    def flush(chunk: list[ImageRecord], pool: ThreadPoolExecutor) -> None:
+        decoded = list(pool.map(lambda r: _decode(r, thumb_size, embedder.prepare), chunk))
+        ok = [(r, d) for r, d in zip(chunk, decoded, strict=True) if isinstance(d, tuple)]
+        skipped.extend(d for d in decoded if isinstance(d, dict))
+        if not ok:
+            return
+        emb = embedder.embed_prepared([d[0] for _, d in ok], batch_size=batch_size)
+        finite = np.isfinite(emb).all(axis=1)
+        for (r, d), vec, good in zip(ok, emb, finite, strict=True):
+            if not good:
+                skipped.append({"path": r.path, "reason": "non-finite embedding", "detail": ""})
+                continue
+            item_id = start_id + len(new_items)
+            (thumbs / f"{item_id}.jpg").write_bytes(d[1])
+            new_items.append(
+                {
+                    "id": str(item_id),
+                    "path": r.path,
+                    "label": r.label,
+                    "domain": r.domain,
+                    "source": r.source,
+                }
+            )
+            vectors.append(vec)
+
+    cols = [TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    seen = 0
+    with (
+        Progress(*cols, disable=not progress, transient=False) as bar,
+        ThreadPoolExecutor(n_workers) as pool,
+    ):
+        task = bar.add_task("embed", total=total)
+        chunk: list[ImageRecord] = []
+        for rec in records:
+            if limit is not None and seen >= limit:
+                break
+            seen += 1
+            if rec.path in known or rec.path in seen_now:
+                why = "already indexed" if rec.path in known else "duplicate path"
+                skipped.append({"path": rec.path, "reason": why, "detail": ""})
+                bar.advance(task)
+                continue
+            seen_now.add(rec.path)
+            chunk.append(rec)
+            if len(chunk) >= chunk_size:
+                flush(chunk, pool)
+                bar.advance(task, len(chunk))
+                chunk = []
+        if chunk:
+            flush(chunk, pool)
+            bar.advance(task, len(chunk))
+    new = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, embedder.dim), np.float32)
+    return new_items, new, skipped, seen
+
+
+@dataclass
+class _AdaptPlan:
+    """What a collection-adapted build or --add will do: the backbone, and the projection to fit or keep."""
+
+    backbone: Any
+    spec: Any  # adapt.AdaptSpec, or None to keep the stored projection
+    keep: Any  # adapt.Projection kept from the old index, or None
+
+    @classmethod
+    def make(
+        cls,
+        old: ImageIndex | None,
+        model_path: str | Path | None,
+        adapt: str | None,
+        backbone: Any,
+        pooling: str | None,
+        refit: bool,
+    ) -> _AdaptPlan:
+        from uniembed.serve import adapt as ad
+
+        spec = ad.parse_adapt_spec(adapt) if adapt is not None else None
+        if old is None:
+            if model_path is not None:
+                raise ImageIndexError(
+                    "--adapt fits its own projection on the backbone's features and writes its own query "
+                    "model into the index; use --backbone NAME instead of --model"
+                )
+            return cls(ad.resolve_backbone(backbone, pooling), spec, None)
+        if not old.adapted:
+            raise ImageIndexError(
+                f"--adapt with --add: the index at {old.root} was built with a fixed model, not --adapt; "
+                "rebuild it without --add to make a collection-adapted index"
+            )
+        stored = old.info["adapt"]
+        if model_path is not None:
+            raise ImageIndexError(
+                f"the index at {old.root} is collection-adapted ({stored['spec']}): --add embeds new images "
+                f"with its stored backbone {stored['backbone']!r}; drop --model"
+            )
+        if spec is not None and not refit and spec.name != stored["spec"]:
+            raise ImageIndexError(
+                f"--add keeps the stored projection {stored['spec']}; add --refit to refit it as {spec.name}"
+            )
+        if isinstance(backbone, str) and backbone != stored["backbone"]:
+            raise ImageIndexError(
+                f"--backbone {backbone!r}: the index's features come from {stored['backbone']!r}; "
+                "rebuild without --add to switch backbones"
+            )
+        if pooling is not None and pooling != stored.get("pooling"):
+            raise ImageIndexError(
+                f"--pooling {pooling!r}: the index's features use pooling {stored.get('pooling')!r}"
+            )
+        bb = ad.resolve_backbone(
+            backbone if backbone is not None else stored["backbone"], stored.get("pooling") or None
+        )
+        if str(bb.fingerprint()) != stored["feature_fingerprint"]:
+            raise ModelMismatchError(
+                f"backbone {bb.name!r} now has fingerprint {bb.fingerprint()}, but the index's features were "
+                f"computed with {stored['feature_fingerprint']} (weights or preprocessing changed); rebuild "
+                "the index without --add"
+            )
+        keep = None
+        if refit:
+            spec = spec or ad.parse_adapt_spec(stored["spec"])
+        else:
+            keep = ad.Projection.load(old.root / ad.PROJECTION_FILE)
+        return cls(bb, spec, keep)
+
+    def finish(
+        self, tmp: Path, old: ImageIndex | None, new_feats: np.ndarray, threads: int
+    ) -> tuple[np.ndarray, np.ndarray | None, str, dict[str, Any]]:
+        """Write features.npy, projection.npz and query_model.pt into ``tmp``. Returns (vectors of the new
+        images, all vectors when the index must be rebuilt (a fit or refit) else None, the query model's
+        fingerprint, the ``adapt`` block of index.json)."""
+        from uniembed.serve import adapt as ad
+
+        new16 = new_feats.astype(np.float16)
+        if not np.isfinite(new16).all():
+            raise ad.AdaptError("backbone features overflow float16")
+        feats = new16
+        if old is not None:
+            stored = np.load(old.root / ad.FEATURES_FILE, mmap_mode="r")
+            if stored.shape[0] != len(old):
+                raise ImageIndexError(
+                    f"{old.root / ad.FEATURES_FILE} holds {stored.shape[0]} rows for {len(old)} indexed "
+                    "images; rebuild the index"
+                )
+            feats = np.concatenate([np.asarray(stored), new16]) if len(new16) else np.asarray(stored)
+        np.save(tmp / ad.FEATURES_FILE, feats)
+        if self.keep is not None:  # --add: same projection, same query model file (same fingerprint)
+            assert old is not None
+            proj = self.keep
+            shutil.copy2(old.root / ad.PROJECTION_FILE, tmp / ad.PROJECTION_FILE)
+            shutil.copy2(old.root / ad.QUERY_MODEL, tmp / ad.QUERY_MODEL)
+            vectors, rebuild = proj.apply(new_feats), None
+            how = old.info["adapt"].get("backbone_compiled", "")
+        else:
+            # Fit on the stored (float16) features, so a refit of the same rows gives the same projection.
+            proj = ad.fit_projection(feats.astype(np.float32), self.spec, ad.feature_meta(self.backbone))
+            proj.save(tmp / ad.PROJECTION_FILE)
+            with torch_threads(threads):
+                how = ad.write_query_model(self.backbone, proj, tmp / ad.QUERY_MODEL)
+            n_old = len(old) if old is not None else 0
+            # Index vectors: new images from their float32 features (exactly what the query model gives);
+            # stored images from their float16 features.
+            vectors = proj.apply(new_feats)
+            rebuild = (
+                np.concatenate([proj.apply(feats[:n_old].astype(np.float32)), vectors]) if n_old else None
+            )
+        info = {
+            **proj.describe(),
+            "backbone_compiled": how,
+            "features": ad.FEATURES_FILE,
+            "projection": ad.PROJECTION_FILE,
+            "query_model": ad.QUERY_MODEL,
+        }
+        return vectors, rebuild, file_fingerprint(tmp / ad.QUERY_MODEL), info
 
 
 def open_index_and_model(
@@ -603,12 +849,23 @@ def open_index_and_model(
     batch_size: int = 32,
     threads: int | None = None,
 ) -> tuple[ImageIndex, Embedder]:
-    """Load an index and the model to embed queries with (default: the one recorded in the index).
+    """Load an index and the model to embed queries with (default: the one recorded in the index; for an
+    index built with ``--adapt``, its own ``query_model.pt``).
 
     The model file's fingerprint is checked against the index *before* the model is loaded, so a wrong
     model fails fast with ``ModelMismatchError``; a missing or broken one raises ``ModelError``."""
     ix = ImageIndex.load(index_dir)
-    model_file = resolve_model_path(model_path if model_path is not None else ix.info["model"]["path"])
+    if ix.adapted:
+        model_file = resolve_model_path(ix.query_model_path())
+        if model_path is not None:
+            given = resolve_model_path(model_path)
+            if given.resolve() != model_file.resolve() and file_fingerprint(given) != ix.fingerprint:
+                raise ModelMismatchError(
+                    f"the index at {ix.root} is collection-adapted ({ix.info['adapt']['spec']}): its queries "
+                    f"are embedded by its own query model {model_file}; drop --model {model_path}"
+                )
+    else:
+        model_file = resolve_model_path(model_path if model_path is not None else ix.query_model_path())
     ix.check_model(file_fingerprint(model_file))
     embedder = load_embedder(model_file, batch_size=batch_size, engine=engine, threads=threads)
     ix.check_embedder(embedder)

@@ -168,8 +168,10 @@ class TrainConfig:
             raise ValueError(f"select must be 'last' or 'best', got {self.select!r}")
         if self.epochs < 0 or self.batch_size < 1 or self.val_every < 1:
             raise ValueError("need epochs >= 0, batch_size >= 1, val_every >= 1")
-        if not 0.0 < self.split.val_fraction < 1.0:
-            raise ValueError(f"split.val_fraction must be in (0, 1), got {self.split.val_fraction}")
+        if not 0.0 <= self.split.val_fraction < 1.0:
+            raise ValueError(
+                f"split.val_fraction must be in [0, 1) (0: train on every label), got {self.split.val_fraction}"
+            )
         # Check the head and loss sections now, before any data is loaded (in_dim comes from the features).
         from uniembed.models.heads import head_config
         from uniembed.models.losses import loss_config

@@ -124,7 +124,8 @@ def split_labels(
         rng = np.random.default_rng([seed, d_i, len(labs)])
         perm = [labs[i] for i in rng.permutation(len(labs))]
         n_val = int(round(val_fraction * len(labs)))
-        n_val = min(max(n_val, 1), len(labs) - 1) if len(labs) >= 2 else 0
+        # val_fraction 0: every label trains (the shipped model); otherwise at least one label each way
+        n_val = min(max(n_val, 1), len(labs) - 1) if len(labs) >= 2 and val_fraction > 0 else 0
         va += perm[:n_val]
         tr += perm[n_val:]
     return LabelSplit(sorted(tr), sorted(va), label_domain)

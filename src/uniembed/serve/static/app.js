@@ -19,7 +19,8 @@ async function loadHealth() {
     const h = await r.json();
     maxUploadMb = h.max_upload_mb;
     $("health").textContent =
-      `${h.count.toLocaleString()} images · ${h.index_type} index · model ${h.model_fingerprint}`;
+      `${h.count.toLocaleString()} images · ${h.index_type} index · model ${h.model_fingerprint}` +
+      (h.projection ? ` · ${h.projection.spec} projection fitted on ${h.projection.fitted_on.toLocaleString()} images` : "");
     for (const opt of Array.from(kSelect.options)) {
       if (Number(opt.value) > h.max_k) opt.remove();
     }
