@@ -1,5 +1,6 @@
-"""Backbone ensembles (``mobilenetv2+efficientnet_lite2``): each member with its own preprocessing, L2-normalised
-and joined; one Backbone through extract (ONNX Runtime), export (TorchScript + ONNX, parity), index and search."""
+"""Backbone ensembles (``mobilenetv2+efficientnet_lite2``): each member with its own preprocessing,
+L2-normalised and joined; one Backbone through extract (ONNX Runtime), export (TorchScript + ONNX, parity),
+index and search."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def test_ensemble_is_one_backbone_with_each_members_config(pair_random) -> None:
     assert members[0]["preprocess"]["input_size"] == 224 and members[1]["preprocess"]["input_size"] == 260
     assert bb.fingerprint() not in (m.fingerprint(), lite.fingerprint())
     assert create_backbone(PAIR, pretrained=False).fingerprint() == bb.fingerprint()  # deterministic
-    assert create_backbone("efficientnet_lite2+mobilenetv2", pretrained=False).fingerprint() != bb.fingerprint()
+    swapped = create_backbone("efficientnet_lite2+mobilenetv2", pretrained=False)
+    assert swapped.fingerprint() != bb.fingerprint()
     with_colour = create_backbone(PAIR, pretrained=False, pooling="avg+colour")
     assert with_colour.dim == 2560 + 512
 

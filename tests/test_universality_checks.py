@@ -1,4 +1,4 @@
-"""Universality acceptance checks on synthetic `uniembed model` reports (real run: test_model_universality)."""
+"""Acceptance checks on synthetic `uniembed model` reports (real run: test_model_universality)."""
 
 from __future__ import annotations
 

@@ -62,14 +62,14 @@ def mp5_domain(emb: np.ndarray, labels: np.ndarray, qmask: np.ndarray, k: int = 
 
 
 def pca(x: np.ndarray, k: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    xt = torch.from_numpy(x).double()
+    xt = torch.from_numpy(x).float()
     if weights is None:
-        w = torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=torch.float64)
+        w = torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=torch.float32)
     else:
-        w = torch.from_numpy(weights / weights.sum()).double()
+        w = torch.from_numpy(weights / weights.sum()).float()
     mean = (w[:, None] * xt).sum(0)
     xc = xt - mean
-    cov = (xc * w[:, None]).T @ xc
+    cov = ((xc * w[:, None]).T @ xc).double()  # float32 product, float64 eigh
     ev, evec = torch.linalg.eigh(cov)
     order = torch.argsort(ev, descending=True)[:k]
     return mean.float().numpy(), evec[:, order].T.float().numpy(), ev[order].clamp_min(1e-12).float().numpy()
@@ -97,6 +97,7 @@ def train_head(
     power: float = 0.0,
     rank_w: float = 0.0,
     tau: float = 0.05,
+    nbr_batches: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The make-model head recipe (PCA init, ArcFace + similarity distillation), small and self-contained;
     returns (centre, weight [k, D], bias)."""
@@ -126,7 +127,7 @@ def train_head(
     )
     g = torch.Generator().manual_seed(seed)
     nbrs = None
-    if rank_w:
+    if rank_w and nbr_batches:
         # each batch: bs/4 random anchors + 3 of each anchor's 10 nearest full-width neighbours, so the
         # listwise ranking loss sees real near neighbours (random batches of 256 out of 10k rarely hold any)
         xn_all = F.normalize(xr, dim=1)
@@ -234,15 +235,17 @@ def main() -> None:
                     ep = int(parts[3]) if len(parts) > 3 else 30
                     rank_w = float(parts[4]) if len(parts) > 4 else 0.0
                     tau = float(parts[5]) if len(parts) > 5 else 0.05
+                    nbr_batches = not (len(parts) > 6 and parts[6] == "rand")
                     rows = slice(None) if name.startswith("headall") else tr
                     c, w, b = train_head(
                         x[rows], labels[rows], arc_w=arc_w, kd_w=kd_w, epochs=ep, power=power,
-                        rank_w=rank_w, tau=tau,
+                        rank_w=rank_w, tau=tau, nbr_batches=nbr_batches,
                     )
                     e = l2((x - c) @ w.T + b)
                 else:
                     raise SystemExit(f"unknown method {method}")
                 per[d] = mp5_domain(e, labels, q)
+                print(f"    {fname} {method} {d}: {per[d]:.3f} ({time.time() - t0:.0f}s)", flush=True)
             mean = float(np.mean(list(per.values())))
             row = {"feats": fname, "method": method, "mean": mean, "per": per, "s": time.time() - t0}
             row["tag"] = args.tag

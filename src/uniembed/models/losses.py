@@ -1,6 +1,7 @@
-"""Training losses for projection heads: margin softmax losses + an optional similarity-distillation term.
+"""Training losses for projection heads: margin softmax losses + optional distillation terms.
 
     total = margin_weight * margin_loss(emb, labels) + distill_weight * distill_loss(emb, input_features)
+            + rank_weight * rank_loss(emb, input_features)
 
 Margin losses (all are "margin-modified cosine logits, times a scale s, then softmax cross-entropy", which is
 what the GUIE 2022 solutions called "ArcFace before softmax + cross-entropy"):
@@ -51,6 +52,13 @@ LOSS_DEFAULTS: dict[str, Any] = {
     # head (``center: true``) outputs near-zero-mean similarities: the uncentred target drags the whole
     # embedding towards one direction and costs the left-out domains (docs/experiments.md).
     "distill_center": False,
+    # Neighbour-ranking distillation (0 = off): listwise KL between the in-batch similarity distributions of
+    # the full-width features (teacher) and of the embedding, both at ``rank_temperature``. Unlike the MSE
+    # of ``distill_weight``, which spends the 64 dimensions on reproducing *all* similarities (the large,
+    # global ones first, as PCA does), the softmax at a low temperature weighs each row's *nearest* items:
+    # exactly what top-5 retrieval keeps. Works with labels or without; best with ``sampler: neighbours``.
+    "rank_weight": 0.0,
+    "rank_temperature": 0.05,
 }
 
 
@@ -74,6 +82,8 @@ def loss_config(cfg: dict | None) -> dict:
         "margin_weight",
         "distill_weight",
         "centers_init_std",
+        "rank_weight",
+        "rank_temperature",
     ):
         c[k] = float(c[k])
         if c[k] < 0:
@@ -88,8 +98,12 @@ def loss_config(cfg: dict | None) -> dict:
         raise ValueError(f"margin_min ({c['margin_min']}) > margin_max ({c['margin_max']})")
     if c["type"] == "none":
         c["margin_weight"] = 0.0
-    if c["margin_weight"] == 0 and c["distill_weight"] == 0:
-        raise ValueError("loss has nothing to optimise: margin_weight and distill_weight are both 0")
+    if c["rank_temperature"] <= 0:
+        raise ValueError(f"loss rank_temperature must be > 0, got {c['rank_temperature']}")
+    if c["margin_weight"] == 0 and c["distill_weight"] == 0 and c["rank_weight"] == 0:
+        raise ValueError(
+            "loss has nothing to optimise: margin_weight, distill_weight and rank_weight are all 0"
+        )
     return c
 
 
@@ -246,8 +260,35 @@ class SimilarityDistillLoss(nn.Module):
         return F.mse_loss((e @ e.T)[off], (f @ f.T)[off])
 
 
+class NeighbourRankDistillLoss(nn.Module):
+    """KL(teacher || student) between each row's softmax over its in-batch cosine similarities (self
+    excluded), teacher = the L2-normalised input features (uncentred: the raw features are searched that
+    way), student = the embedding, both divided by ``temperature``. A low temperature makes each row's
+    distribution peak on its nearest neighbours, so the loss is about keeping neighbour *rankings*, not
+    reproducing every similarity. See LOSS_DEFAULTS["rank_weight"]."""
+
+    def __init__(self, temperature: float = 0.05):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def forward(self, emb: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        e = F.normalize(emb.float(), dim=1)
+        f = F.normalize(feats.float(), dim=1)
+        n = e.shape[0]
+        if n < 3:
+            return e.sum() * 0.0
+        eye = torch.eye(n, dtype=torch.bool, device=e.device)
+        t = (f @ f.T / self.temperature).masked_fill(eye, float("-inf"))
+        s = (e @ e.T / self.temperature).masked_fill(eye, float("-inf"))
+        log_t = F.log_softmax(t, dim=1).masked_fill(eye, 0.0)
+        log_s = F.log_softmax(s, dim=1).masked_fill(eye, 0.0)
+        return (log_t.exp() * (log_t - log_s)).sum(1).mean()
+
+
 class EmbeddingLoss(nn.Module):
-    """``margin_weight * margin + distill_weight * distill`` (either term may be absent)."""
+    """``margin_weight * margin + distill_weight * distill + rank_weight * rank`` (any term may be absent)."""
 
     def __init__(
         self, cfg: dict | None, num_classes: int, embedding_dim: int, class_counts: np.ndarray | None = None
@@ -260,6 +301,8 @@ class EmbeddingLoss(nn.Module):
             MarginLoss(self.cfg, num_classes, embedding_dim, class_counts) if self.margin_weight > 0 else None
         )
         self.distill = SimilarityDistillLoss(self.cfg["distill_center"]) if self.distill_weight > 0 else None
+        self.rank_weight = self.cfg["rank_weight"]
+        self.rank = NeighbourRankDistillLoss(self.cfg["rank_temperature"]) if self.rank_weight > 0 else None
 
     def forward(
         self, emb: torch.Tensor, labels: torch.Tensor, feats: torch.Tensor | None = None
@@ -275,6 +318,11 @@ class EmbeddingLoss(nn.Module):
                 raise ValueError("distill_weight > 0 needs the input features")
             out["distill"] = self.distill(emb, feats)
             total = total + self.distill_weight * out["distill"]
+        if self.rank is not None:
+            if feats is None:
+                raise ValueError("rank_weight > 0 needs the input features")
+            out["rank"] = self.rank(emb, feats)
+            total = total + self.rank_weight * out["rank"]
         out["loss"] = total
         return out
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-SAMPLERS = ("random", "domain_balanced", "class_balanced")
+SAMPLERS = ("random", "domain_balanced", "class_balanced", "neighbours")
 SCHEDULES = ("none", "cosine")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -99,7 +99,7 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 256  # global batch (split across DDP ranks)
     seed: int = 0
-    sampler: str = "random"  # random | domain_balanced | class_balanced
+    sampler: str = "random"  # random | domain_balanced | class_balanced | neighbours (anchor + 3 nearest)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # CPU threads for torch (0 = torch's default). Head-training ops are tiny ([256 x D] @ [D x 64]): extra
     # threads cost more in synchronisation than they save (measured 2 ms/step on 1 thread vs 26-300 ms on 2
@@ -170,7 +170,7 @@ class TrainConfig:
             raise ValueError("need epochs >= 0, batch_size >= 1, val_every >= 1")
         if not 0.0 <= self.split.val_fraction < 1.0:
             raise ValueError(
-                f"split.val_fraction must be in [0, 1) (0: train on every label), got {self.split.val_fraction}"
+                f"split.val_fraction must be in [0, 1) (0: every label trains), got {self.split.val_fraction}"
             )
         # Check the head and loss sections now, before any data is loaded (in_dim comes from the features).
         from uniembed.models.heads import head_config

@@ -218,20 +218,52 @@ def prepare_data(
     )
 
 
+#: ``neighbours`` sampler: each anchor is followed by this many of its nearest rows, drawn from its
+#: ``NEIGHBOUR_POOL`` nearest (full-width cosine).
+NEIGHBOURS_PER_ANCHOR = 3
+NEIGHBOUR_POOL = 10
+
+
+def nearest_rows(feats: torch.Tensor, k: int = NEIGHBOUR_POOL, block: int = 2048) -> torch.Tensor:
+    """[N, k] positions of each row's k nearest other rows by cosine of the full-width features (exact,
+    in blocks so memory stays O(block x N))."""
+    f = torch.nn.functional.normalize(feats.float(), dim=1)
+    k = min(k, f.shape[0] - 1)
+    out = []
+    for s in range(0, f.shape[0], block):
+        sims = f[s : s + block] @ f.T
+        rows = torch.arange(sims.shape[0])
+        sims[rows, rows + s] = float("-inf")
+        out.append(torch.topk(sims, k, dim=1).indices)
+    return torch.cat(out)
+
+
 def epoch_order(
     n: int,
     sampler: str,
     generator: torch.Generator,
     y: torch.Tensor | None = None,
     domains: np.ndarray | None = None,
+    neighbours: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Positions (into the training rows) for one epoch of ``n`` samples.
 
     ``random``: a permutation. ``class_balanced`` / ``domain_balanced``: ``n`` draws with replacement, each
     row weighted 1 / (size of its class / domain), so every class / domain is drawn equally often on average.
+    ``neighbours``: shuffled anchors, each followed by ``NEIGHBOURS_PER_ANCHOR`` rows drawn from its nearest
+    (``neighbours`` [n, k] from :func:`nearest_rows`): a random batch of 256 out of 10k rows holds almost no
+    true near neighbours, so a ranking loss would only ever see far ones.
     """
     if sampler == "random":
         return torch.randperm(n, generator=generator)
+    if sampler == "neighbours":
+        if neighbours is None or neighbours.shape[0] != n:
+            raise ValueError("neighbours sampler needs the [n, k] nearest-row table")
+        per = NEIGHBOURS_PER_ANCHOR + 1
+        anchors = torch.randperm(n, generator=generator)[: (n + per - 1) // per]
+        pick = torch.randint(0, neighbours.shape[1], (len(anchors), per - 1), generator=generator)
+        groups = torch.cat([anchors[:, None], neighbours[anchors[:, None], pick]], dim=1)
+        return groups.reshape(-1)[:n]
     if sampler == "class_balanced":
         if y is None:
             raise ValueError("class_balanced sampler needs labels")

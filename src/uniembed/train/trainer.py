@@ -37,7 +37,7 @@ from torch import nn
 from uniembed.models.heads import build_head, head_config, init_head_from_features, pca_fit
 from uniembed.models.losses import EmbeddingLoss, build_loss
 from uniembed.train.config import TrainConfig
-from uniembed.train.data import TrainData, epoch_order, prepare_data
+from uniembed.train.data import TrainData, epoch_order, nearest_rows, prepare_data
 
 HEAD_FILE = "head.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -134,6 +134,15 @@ class TrainModule(nn.Module):
             d = self.loss.distill(e_all, x_all)
             out["distill"] = d.detach()
             total = total + self.loss.distill_weight * d
+        if self.loss.rank is not None:
+            if shard_sizes is not None:
+                e_all = _gather_rows(emb, shard_sizes, differentiable=True)
+                x_all = _gather_rows(x, shard_sizes, differentiable=False)
+            else:
+                e_all, x_all = emb, x
+            r = self.loss.rank(e_all, x_all)
+            out["rank"] = r.detach()
+            total = total + self.loss.rank_weight * r
         out["loss"] = total
         return out
 
@@ -574,6 +583,8 @@ def _train(
                 }
             )
 
+    # Nearest training rows by full-width cosine, once per run (the ``neighbours`` sampler's table).
+    nbrs = nearest_rows(data.feats[data.train_idx]) if cfg.sampler == "neighbours" else None
     last = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
     progress = step_progress("epoch", console, enabled=cfg.progress and di.is_main)
     with progress:
@@ -582,9 +593,9 @@ def _train(
             t_ep = time.perf_counter()
             model.train()
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            order = epoch_order(n_train, cfg.sampler, gen, data.y_train, dom_train).to(dev)
-            # Running sums stay on the device (no host sync per step): margin*n, distill*n, n.
-            sums = torch.zeros(3, dtype=torch.float64, device=dev)
+            order = epoch_order(n_train, cfg.sampler, gen, data.y_train, dom_train, nbrs).to(dev)
+            # Running sums stay on the device (no host sync per step): margin*n, distill*n, n, rank*n.
+            sums = torch.zeros(4, dtype=torch.float64, device=dev)
             progress.reset(task, total=steps, ep=f"{epoch}/{cfg.epochs}", loss="-")
             for s in range(steps):
                 pos = order[s * B : (s + 1) * B]
@@ -607,6 +618,8 @@ def _train(
                     sums[0] += out["margin"].double() * n
                 if "distill" in out:
                     sums[1] += out["distill"].double() * n
+                if "rank" in out:
+                    sums[3] += out["rank"].double() * n
                 sums[2] += n
                 show = s % 25 == 0 or s == steps - 1
                 progress.update(
@@ -627,8 +640,12 @@ def _train(
                 parts["margin"] = float(sums[0] / sums[2])
             if loss.distill is not None:
                 parts["distill"] = float(sums[1] / sums[2])
-            rec["loss"] = w["margin_weight"] * parts.get("margin", 0.0) + w["distill_weight"] * parts.get(
-                "distill", 0.0
+            if loss.rank is not None:
+                parts["rank"] = float(sums[3] / sums[2])
+            rec["loss"] = (
+                w["margin_weight"] * parts.get("margin", 0.0)
+                + w["distill_weight"] * parts.get("distill", 0.0)
+                + w["rank_weight"] * parts.get("rank", 0.0)
             )
             rec.update({f"loss_{k}": v for k, v in parts.items()})
             rngs = [_rng_state()]
