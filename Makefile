@@ -5,7 +5,7 @@ UE     := $(VENV)/bin/uniembed
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test lint demo model model-finetune bench clean
+.PHONY: install system-deps test lint demo model bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,11 +34,6 @@ demo: install
 
 model: install
 	$(UE) model
-
-# The same recipe plus a whole-backbone fine-tune in every training run (~25 min instead of ~1.5 min):
-# docs/experiments.md, finding 20. Not the default: the project's design keeps the backbone frozen.
-model-finetune: install
-	$(UE) model --config configs/model_finetune.yaml --out artifacts/model_finetune --work artifacts/work_finetune
 
 bench: install
 	$(UE) bench

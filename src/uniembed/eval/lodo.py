@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 
 from uniembed.eval.metrics import retrieval_metrics
-from uniembed.models.projection import fit_projection, l2n
+from uniembed.models.projection import AdaptSpec, fit_projection, l2n, parse_adapt_spec
 
 #: Method names in reports, with what each row is.
 LODO_METHOD_LABELS = {
@@ -61,7 +61,12 @@ def leave_one_domain_out(
     domains = np.asarray(domains)
     feats = np.asarray(feats, dtype=np.float32)
     raw = l2n(feats)
-    adapted = {f"adapted_{s}": fit_projection(feats, s).apply(feats) for s in adapt_specs}
+    adapted = {}
+    for spec in adapt_specs:
+        sp = parse_adapt_spec(spec)
+        # a small collection cannot hold as many components as asked: fit as many as it has
+        sp = AdaptSpec(min(sp.dim, feats.shape[0] - 1, feats.shape[1]), sp.power)
+        adapted[f"adapted_{sp.name}"] = fit_projection(feats, sp).apply(feats)
     out: dict[str, dict[str, float]] = {}
     for d in sorted(set(domains.tolist())):
         train_rows = domains != d
