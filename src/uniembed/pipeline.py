@@ -109,8 +109,8 @@ def mp5_table(
     domains: list[str] = sorted({d for m in methods.values() for d in m.get("per_domain", {})})
     table = Table(title=title)
     table.add_column("method")
-    for d in domains:
-        table.add_column(d, justify="right")
+    for d in domains:  # short headers, so seven domains fit an 80-column terminal
+        table.add_column(d[:8] if len(domains) > 4 else d, justify="right")
     table.add_column("all", justify="right")
     out: dict[str, dict[str, float]] = {}
     for name, m in methods.items():
@@ -291,8 +291,10 @@ def build_model(
         )
         report["leave_one_domain_out"] = scores
         report["lodo_mean"] = lodo_means(scores)
-        report["runs"]["leave_one_domain_out"] = f"{len(all_domains)} runs ({work / 'runs'}/lodo-*), each "
-        "trained on every label of the other domains"
+        report["runs"]["leave_one_domain_out"] = (
+            f"{len(all_domains)} runs ({work / 'runs'}/lodo-*), each trained on every label of the other "
+            "domains"
+        )
         _lodo_summary(scores, console)
 
         # Secondary columns: unseen labels of the training domains, new photos of the training labels.
@@ -356,15 +358,15 @@ def _lodo_summary(lodo: dict[str, dict[str, float]], console: Console) -> None:
     means = lodo_means(lodo)
     methods = sorted(means, key=lambda m: -means[m])
     table = Table(title="leave-one-domain-out, merged index: mP@5 of each left-out domain's queries")
-    table.add_column("method")
+    table.add_column("method", no_wrap=True)
     table.add_column("MEAN", justify="right", style="bold")
-    for d in lodo:
-        table.add_column(d, justify="right")
+    for d in lodo:  # short headers: the table must fit an 80-column terminal
+        table.add_column(d[:8], justify="right")
     for m in methods:
-        table.add_row(
-            _method_label(m), f"{means[m]:.3f}", *[f"{lodo[d].get(m, float('nan')):.3f}" for d in lodo]
-        )
+        table.add_row(m, f"{means[m]:.3f}", *[f"{lodo[d].get(m, float('nan')):.3f}" for d in lodo])
     console.print(table)
+    for m in methods:
+        console.print(f"  [bold]{m}[/bold]: {_method_label(m)}", highlight=False)
 
 
 def _method_label(m: str) -> str:

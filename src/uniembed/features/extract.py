@@ -206,10 +206,15 @@ def export_onnx(backbone: Backbone, path: Path) -> Path:
     model = PixelEmbedder(backbone).eval()
     dummy = torch.zeros(2, 3, s, s, dtype=torch.float32)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Antialiased resizes inside the backbone (an ensemble's per-member resize) need opset 18, which the
+    # TorchScript-based exporter lacks: it would fail after dumping its whole IR graph to stderr.
+    legacy = not any(getattr(m, "antialias_resize", False) for m in model.modules())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            # The TorchScript-based exporter: fast, and handles every backbone registered here.
+            if not legacy:
+                raise RuntimeError("antialiased resize inside the backbone: torch.export-based exporter")
+            # The TorchScript-based exporter: fast, and handles every single backbone registered here.
             torch.onnx.export(
                 model,
                 (dummy,),

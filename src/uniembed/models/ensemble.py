@@ -39,6 +39,8 @@ def split_members(name: str) -> list[str]:
 class MemberInput(nn.Module):
     """[0,1] pixels at the ensemble's side -> one member's normalised input at its own side."""
 
+    antialias_resize = True  # tells the ONNX export of the extraction engine to use the opset-18 exporter
+
     def __init__(self, pre: PreprocessConfig):
         super().__init__()
         self.size = int(pre.input_size)

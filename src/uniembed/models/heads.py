@@ -117,10 +117,11 @@ def pca_fit(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     Uses the D x D covariance + eigh (float64) rather than an SVD of the data: memory is O(D^2) whatever N is.
     Component signs are fixed (largest-magnitude entry positive) so results are deterministic.
     """
-    x = x.double()
+    x = x.float()
     mean = x.mean(0)
     xc = x - mean
-    cov = xc.T @ xc / max(x.shape[0] - 1, 1)
+    # float32 product (the N x D x D part, 10x faster than float64 on CPU), float64 eigendecomposition
+    cov = (xc.T @ xc / max(x.shape[0] - 1, 1)).double()
     evals, evecs = torch.linalg.eigh(cov)  # ascending
     order = torch.argsort(evals, descending=True)[:k]
     comps = evecs[:, order].T.contiguous()

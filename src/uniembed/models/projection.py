@@ -171,8 +171,9 @@ def fit_projection(
     if n <= f:  # N x F SVD is cheaper than the F x F covariance
         _, s, vt = np.linalg.svd(xc, full_matrices=False)
         evals_all, vecs = s**2 / n, vt.T
-    else:
-        evals_all, vecs = np.linalg.eigh(xc.T @ xc / n)
+    else:  # float32 product (the N x F x F part), float64 eigendecomposition
+        xc32 = xc.astype(np.float32)
+        evals_all, vecs = np.linalg.eigh((xc32.T @ xc32).astype(np.float64) / n)
         order = np.argsort(evals_all)[::-1]
         evals_all, vecs = evals_all[order], vecs[:, order]
     evals_all = np.clip(evals_all, 0.0, None)

@@ -397,7 +397,10 @@ def plot_curve(history: list[dict], base: dict[str, dict], path: Path) -> None:
     a2.set_ylabel("val mP@5 (unseen labels)")
     a2.set_title("validation mP@5")
     a2.grid(alpha=0.3)
-    a2.legend(fontsize=7)
+    if a2.get_legend_handles_labels()[0]:
+        a2.legend(fontsize=7)
+    else:  # every label trained (split.val_fraction 0): nothing held out to validate on
+        a2.text(0.5, 0.5, "no held-out labels", ha="center", va="center", transform=a2.transAxes)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
