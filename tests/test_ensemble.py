@@ -114,6 +114,9 @@ def test_ensemble_through_extract_export_index_and_search(
     run = write_head_run(root / "run", head, cfg, fdir, info)
     rec = export_guie(run, root / "model", onnx=True, parity_images=4, progress=False)
     assert rec["parity"]["passed"] and rec["backbone"]["name"] == PAIR
+    assert [m["name"] for m in rec["backbone"]["members"]] == ["mobilenetv2", "efficientnet_lite2"]
+    card = (root / "model" / "model_card.md").read_text()
+    assert "Ensemble:" in card and "`efficientnet_lite2` (1280-d" in card
     model = torch.jit.load(str(root / "model" / "saved_model.pt"))
     out = model(torch.randint(0, 256, (1, 3, 123, 77), dtype=torch.uint8))
     assert out.dtype == torch.float32 and tuple(out.shape) == (1, 8)

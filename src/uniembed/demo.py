@@ -48,11 +48,15 @@ def register(app: typer.Typer) -> None:
             help="Intermediate files: prepared shards, cached features, training runs.",
         ),
         lodo: bool = typer.Option(
-            True, "--lodo/--no-lodo", help="Also train and score the three leave-one-domain-out rotations."
+            True,
+            "--lodo/--no-lodo",
+            help="Also train and score the leave-one-domain-out rotations (one per domain, merged index), "
+            "the unseen-labels and the new-photos runs. --no-lodo: only the shipped model.",
         ),
     ) -> None:
-        """Train the project's best offline recipe on the shared data and export the GUIE model
-        (`make model`): artifacts/model/saved_model.pt, model.onnx, model_card.md, report.md."""
+        """The project's recipe on every shared domain (`make model`): leave-one-domain-out on a merged
+        index first, then the model trained on every label, exported to artifacts/model/saved_model.pt,
+        model.onnx, model_card.md, report.md."""
         from uniembed.pipeline import build_model, config_path
 
         _friendly(lambda: build_model(data, out, config or config_path("model.yaml"), work, lodo=lodo))

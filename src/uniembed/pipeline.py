@@ -166,10 +166,12 @@ def run_demo(data: Path | None, out: Path, quick: bool = True, console: Console 
     query = _first_path(subset)
     hits = timer.run("search", search_paths, index_dir, [query], k=5)
     table = mp5_table(f"mP@5 on held-out labels ({description})", ev, console, labels=_demo_labels(feats))
+    width = int(json.loads((Path(feats) / "info.json").read_text()).get("dim", 0))
     console.print(
         "[bold]How to read it:[/bold] higher is better. The fair comparison is the trained 64-d head against "
-        "PCA-64: both are 64-d. The raw row is the backbone's full-width features, 20x larger, shown as the "
-        "uncompressed reference (the GUIE format allows 64 floats). `make model` has the full protocol."
+        f"PCA-64: both are 64-d. The raw row is the backbone's full-width features ({width:,}-d, "
+        f"{width / 64:.0f}x larger), shown as the uncompressed reference (the GUIE format allows 64 floats). "
+        "`make model` has the full protocol."
     )
     console.print(f"search for {query}:")
     for h in hits[0]:

@@ -180,6 +180,7 @@ def write_card(out: Path, export: dict, run_dir: Path, feature_info: dict, manif
         f"- Feature fingerprint: `{bb['fingerprint']}`"
         + (" (fine-tuned by the run's second stage)" if bb.get("finetuned") else " (frozen)"),
         *_colour_lines(str(bb.get("pooling") or "")),
+        *_member_lines(bb.get("members") or []),
         "",
     ]
     lines += ["## Data", "", *_data_section(feature_info, manifest, summary), ""]
@@ -224,6 +225,23 @@ def write_card(out: Path, export: dict, run_dir: Path, feature_info: dict, manif
     path = out / "model_card.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _member_lines(members: list[dict]) -> list[str]:
+    """An ensemble backbone: each member's own input (the pixels above are only scaled to [0, 1])."""
+    if not members:
+        return []
+    out = [
+        "- Ensemble: each member resizes to its own side and normalises its own way; its pooled features "
+        "are L2-normalised, then the members are joined (scaled by 1/sqrt(n)):"
+    ]
+    for m in members:
+        p = m.get("preprocess", {})
+        out.append(
+            f"  - `{m['name']}` ({m['dim']}-d, pooling `{m.get('pooling', '')}`): {p.get('input_size')} px, "
+            f"mean {p.get('mean')}, std {p.get('std')}, scale {float(p.get('scale', 0)):.6g}"
+        )
+    return out
 
 
 def _colour_lines(pooling: str) -> list[str]:

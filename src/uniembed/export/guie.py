@@ -120,6 +120,7 @@ def export_guie(
             "weights_hash": bb.weights_hash,
             "fingerprint": bb.fingerprint(),
             "finetuned": rm.finetuned,
+            "members": bb.info.get("members"),  # an ensemble's members (None for a single backbone)
         },
         "preprocess": pre.to_dict(),
         "head": rm.head_info.get("head_config"),

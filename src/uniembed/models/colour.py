@@ -3,7 +3,7 @@
 Why: ImageNet CNN features are trained to *ignore* much of an object's exact colour (a red and a green apple
 are both "Granny Smith"-ish to a classifier), yet for instance retrieval colour is one of the most stable
 cues of *which* object it is — a product's packaging, a toy, a fruit variety. A 64-d projection of the CNN
-features alone loses it further. The universality research (docs/experiments.md) measured a joint RGB
+features alone loses it further. The universality research (docs/experiments-archive.md) measured a joint RGB
 histogram, 8 bins a channel, square-rooted (Hellinger), as the single block that lifts unseen domains most:
 alone it retrieves packaged goods better than MobileNetV2's 1,280-d features (left-out mP@5 0.815 vs 0.765).
 
@@ -22,7 +22,7 @@ from torch import nn
 COLOUR_SUFFIX = "+colour"
 
 #: Bins per RGB channel (8 -> 512 joint bins) and the block's weight relative to one L2-normalised stage
-#: (sqrt(2): it counts as much as two stages in cosine similarity; measured best of 1/2/3, experiments.md).
+#: (sqrt(2): it counts as much as two stages in cosine similarity; best of 1/2/3, experiments-archive.md).
 COLOUR_BINS = 8
 COLOUR_WEIGHT = math.sqrt(2.0)
 

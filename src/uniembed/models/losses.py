@@ -42,15 +42,15 @@ LOSS_DEFAULTS: dict[str, Any] = {
     "margin_power": 0.25,  # dynamic_arcface: p in n_c^(-p)
     "margin_weight": 1.0,
     "distill_weight": 0.0,  # similarity-distillation term (0 = off)
-    # > 0: initialise the class centres N(0, std) instead of the library default (PML: N(0, 1)). Added for
-    # issue #6 (docs/experiments.md): with Adam, steps are ~lr whatever the norm, so small centres turn to
+    # > 0: initialise the class centres N(0, std) instead of the library default (PML: N(0, 1)).
+    # docs/experiments-archive.md: with Adam, steps are ~lr whatever the norm, so small centres turn to
     # their classes within a few steps, while unit-scale ones stay put and drag a PCA-initialised head off its
     # geometry (left-out-domain mP@5 packaged_goods 0.663 with N(0,1) centres vs 0.682 with std 0.01).
     "centers_init_std": 0.0,
     # Distillation teacher centred by the batch mean before the cosine similarities (issue #6). Backbone
     # features after ReLU are all-positive, so their raw cosines sit near +0.6 for any pair, while a centred
     # head (``center: true``) outputs near-zero-mean similarities: the uncentred target drags the whole
-    # embedding towards one direction and costs the left-out domains (docs/experiments.md).
+    # embedding towards one direction and costs the left-out domains (docs/experiments-archive.md).
     "distill_center": False,
     # Neighbour-ranking distillation (0 = off): listwise KL between the in-batch similarity distributions of
     # the full-width features (teacher) and of the embedding, both at ``rank_temperature``. Unlike the MSE

@@ -8,7 +8,7 @@ backbone is frozen, so there is nothing to learn ``p`` from at extraction time).
 Multi-stage names: ``<pool>+stages`` concatenates the pooled maps of several stages as they are;
 ``<pool>+stages_l2`` L2-normalises each stage's pooled vector first ("block-normed"). The final 1280-d map
 of MobileNetV2 has ~10x the norm of earlier stages, so without per-block normalisation it drowns them and
-the concatenation behaves like plain ``avg`` (docs/experiments.md: PCA-64 left-out mean 0.797 plain
+the concatenation behaves like plain ``avg`` (docs/experiments-archive.md: PCA-64 left-out mean 0.797 plain
 concatenation vs 0.815 block-normed vs 0.796 plain avg).
 """
 
