@@ -324,8 +324,18 @@ def test_cli_index_and_search_without_model(patched_registry: None, folder: Path
 
     r = runner.invoke(app, [*base, "--adapt", "pca4", "--model", str(other)])
     assert r.exit_code == 2 and "not --model" in r.output
-    r = runner.invoke(app, [*base, "--adapt", "pca4"])
-    assert r.exit_code == 2 and "--backbone" in r.output
+    # no --model: a collection-adapted index with the measured defaults (the real ensemble backbone)
+    from uniembed.serve.commands import DEFAULT_ADAPT, DEFAULT_BACKBONE, index_mode
+
+    assert index_mode(None, None, None, False) == (DEFAULT_ADAPT, DEFAULT_BACKBONE) == (
+        "pcaw256",
+        "mobilenetv2+efficientnet_lite2",
+    )
+    assert index_mode(None, "pca4", None, False) == ("pca4", DEFAULT_BACKBONE)
+    assert index_mode(Path("m.pt"), None, None, False) == (None, None)
+    assert index_mode(None, None, None, True) == (None, None)  # --add: what the index was built with
+    r = runner.invoke(app, [*base, "--backbone", "tinynet"])  # 12 images cannot hold 256 dims
+    assert r.exit_code == 2 and "the default is --adapt pcaw256" in r.output
     r = runner.invoke(app, [*base, "--adapt", "pca64", "--backbone", "tinynet"])
     assert r.exit_code == 2 and "min(12, 76)" in r.output
     r = runner.invoke(app, [*base, "--adapt", "pcq4", "--backbone", "tinynet"])
