@@ -103,7 +103,7 @@ def test_ensemble_through_extract_export_index_and_search(
     bb = create_backbone(PAIR)
     from uniembed.features.extract import embed_paths
 
-    ref = embed_paths([r["path"] for r in rows], bb, engine="torch", progress=False, workers=0).features
+    ref = embed_paths(list(fs.paths), bb, engine="torch", progress=False, workers=0).features  # same order
     # same images (the shards are re-encoded copies): agree to within JPEG re-encoding noise
     cos = (feats * ref).sum(1) / np.linalg.norm(ref, axis=1)
     assert cos.min() > 0.97, cos

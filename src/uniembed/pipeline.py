@@ -107,10 +107,11 @@ def mp5_table(
     labels = {**METHOD_LABELS, **(labels or {})}
     methods = metrics.get("methods", {})
     domains: list[str] = sorted({d for m in methods.values() for d in m.get("per_domain", {})})
+    wide = len(domains) > 4  # short names and headers, so seven domains fit an 80-column terminal
     table = Table(title=title)
-    table.add_column("method")
-    for d in domains:  # short headers, so seven domains fit an 80-column terminal
-        table.add_column(d[:8] if len(domains) > 4 else d, justify="right")
+    table.add_column("method", no_wrap=wide)
+    for d in domains:
+        table.add_column(d[:8] if wide else d, justify="right")
     table.add_column("all", justify="right")
     out: dict[str, dict[str, float]] = {}
     for name, m in methods.items():
@@ -118,11 +119,14 @@ def mp5_table(
         per["all"] = m["overall"]["mP@5"]
         out[name] = per
         table.add_row(
-            labels.get(name, name),
+            name if wide else labels.get(name, name),
             *[f"{per[d]:.3f}" if d in per else "-" for d in domains],
             f"{per['all']:.3f}",
         )
     console.print(table)
+    if wide:
+        for name in methods:
+            console.print(f"  [bold]{name}[/bold]: {labels.get(name, name)}", highlight=False)
     return out
 
 
