@@ -290,13 +290,20 @@ def plot_universality(
         panels.append(("new photos of the training labels", new_photos))
     methods = list(dict.fromkeys([*by_method, *unseen, *(new_photos or {})]))
     widths = [max(3, len({g for v in rows.values() for g in v})) for _, rows in panels]
-    fig, axes = plt.subplots(
-        1,
-        len(panels),
-        figsize=(1.6 * sum(widths) + 1.5, 5.0),
-        squeeze=False,
-        gridspec_kw={"width_ratios": widths},
-    )
+    if max(widths) <= 5:  # few domains: panels side by side, each as wide as its groups
+        fig, grid = plt.subplots(
+            1,
+            len(panels),
+            figsize=(1.6 * sum(widths) + 1.5, 5.0),
+            squeeze=False,
+            gridspec_kw={"width_ratios": widths},
+        )
+        axes = grid
+    else:  # many domains: one panel a row, so the picture stays readable
+        fig, grid = plt.subplots(
+            len(panels), 1, figsize=(1.3 * max(widths) + 2.0, 3.8 * len(panels)), squeeze=False
+        )
+        axes = grid.T
     floor = bar_floor([v for _, rows in panels for per in rows.values() for v in per.values()])
     width = 0.8 / max(1, len(methods))
     for ax, (title, rows) in zip(axes[0], panels, strict=True):
@@ -315,6 +322,8 @@ def plot_universality(
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 5), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    side_by_side = max(widths) <= 5
+    ncol = min(len(names), 5 if side_by_side else 2)
+    fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08 if side_by_side else 0.05, 1, 1))
     return _save_figure(fig, path, dpi=110)
