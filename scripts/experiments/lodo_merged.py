@@ -10,7 +10,8 @@ Inputs are library feature directories (``uniembed extract /tmp/rf/all.csv ...``
 
     uniembed extract /tmp/rf/all.csv -b mobilenetv2 -p avg+stages_l2+colour --out /tmp/rf
     uniembed extract /tmp/rf/all.csv -b efficientnet_lite2 -p avg+stages_l2 --out /tmp/rf
-    python scripts/experiments/lodo_merged.py --mnv2 /tmp/rf/mobilenetv2-... --lite2 /tmp/rf/efficientnet_lite2-...
+    python scripts/experiments/lodo_merged.py --mnv2 /tmp/rf/mobilenetv2-... \
+        --lite2 /tmp/rf/efficientnet_lite2-...
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def mp5_domain(emb: np.ndarray, labels: np.ndarray, qmask: np.ndarray, k: int = 
     return float(np.nanmean(v))
 
 
-def pca(x: np.ndarray, k: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pca(
+    x: np.ndarray, k: int, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     xt = torch.from_numpy(x).float()
     if weights is None:
         w = torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=torch.float32)
@@ -238,8 +241,15 @@ def main() -> None:
                     nbr_batches = not (len(parts) > 6 and parts[6] == "rand")
                     rows = slice(None) if name.startswith("headall") else tr
                     c, w, b = train_head(
-                        x[rows], labels[rows], arc_w=arc_w, kd_w=kd_w, epochs=ep, power=power,
-                        rank_w=rank_w, tau=tau, nbr_batches=nbr_batches,
+                        x[rows],
+                        labels[rows],
+                        arc_w=arc_w,
+                        kd_w=kd_w,
+                        epochs=ep,
+                        power=power,
+                        rank_w=rank_w,
+                        tau=tau,
+                        nbr_batches=nbr_batches,
                     )
                     e = l2((x - c) @ w.T + b)
                 else:

@@ -304,28 +304,37 @@ def build_model(
         _lodo_summary(scores, console)
 
         # Secondary columns: unseen labels of the training domains, new photos of the training labels.
-        r = run_recipe("unseen-labels", "train (half of each domain's labels held out)")
-        ev = evaluate(
-            r,
-            out_dir=out / "evaluation" / "unseen-labels",
-            split="val",
-            compare=baselines_for(base.pooling),
-            progress=False,
+        def secondary(
+            key: str, name: str, step: str, split: str, title: str, what: str, **split_cfg: Any
+        ) -> None:
+            r = run_recipe(name, step, **split_cfg)
+            ev = evaluate(
+                r,
+                out_dir=out / "evaluation" / name,
+                split=split,
+                compare=baselines_for(base.pooling),
+                progress=False,
+            )
+            report[key] = mp5_table(title, ev, console)
+            report["runs"][key] = f"{r}: {what}"
+
+        secondary(
+            "unseen_labels",
+            "unseen-labels",
+            "train (half of each domain's labels held out)",
+            "val",
+            "mP@5, unseen labels of the training domains",
+            "half of each domain's labels held out (split.val_fraction)",
         )
-        report["unseen_labels"] = mp5_table("mP@5, unseen labels of the training domains", ev, console)
-        report["runs"]["unseen_labels"] = f"{r}: half of each domain's labels held out (split.val_fraction)"
-        r = run_recipe(
-            "photos", f"train ({PHOTO_FRACTION:.0%} of the photos held out)", photo_fraction=PHOTO_FRACTION
+        secondary(
+            "new_photos",
+            "photos",
+            f"train ({PHOTO_FRACTION:.0%} of the photos held out)",
+            "photos",
+            "mP@5, new photos of the training labels",
+            f"{PHOTO_FRACTION:.0%} of each training label's photos held out",
+            photo_fraction=PHOTO_FRACTION,
         )
-        e = evaluate(
-            r,
-            out_dir=out / "evaluation" / "photos",
-            split="photos",
-            compare=baselines_for(base.pooling),
-            progress=False,
-        )
-        report["new_photos"] = mp5_table("mP@5, new photos of the training labels", e, console)
-        report["runs"]["new_photos"] = f"{r}: {PHOTO_FRACTION:.0%} of each training label's photos held out"
     run = run_recipe("model", "train the shipped model (every label of every domain)", val_fraction=0.0)
     report["runs"]["shipped"] = f"{run}: every label of every domain (exported as saved_model.pt)"
     export = timer.run("export", export_guie, run, out, onnx=True, parity_images=8)

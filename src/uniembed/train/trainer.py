@@ -125,24 +125,24 @@ class TrainModule(nn.Module):
             out["margin"] = m.detach()
             # Per-rank mean x (n_rank * world / n_global): DDP's average over ranks = the global-batch mean.
             total = total + self.loss.margin_weight * m * margin_scale
-        if self.loss.distill is not None:
-            if shard_sizes is not None:  # similarities over the whole global batch, as in one process
-                e_all = _gather_rows(emb, shard_sizes, differentiable=True)
-                x_all = _gather_rows(x, shard_sizes, differentiable=False)
-            else:
-                e_all, x_all = emb, x
-            d = self.loss.distill(e_all, x_all)
-            out["distill"] = d.detach()
-            total = total + self.loss.distill_weight * d
-        if self.loss.rank is not None:
+        pairwise = [
+            (name, term, w)
+            for name, term, w in (
+                ("distill", self.loss.distill, self.loss.distill_weight),
+                ("rank", self.loss.rank, self.loss.rank_weight),
+            )
+            if term is not None
+        ]
+        if pairwise:  # in-batch similarity terms: over the whole global batch, as in one process
             if shard_sizes is not None:
                 e_all = _gather_rows(emb, shard_sizes, differentiable=True)
                 x_all = _gather_rows(x, shard_sizes, differentiable=False)
             else:
                 e_all, x_all = emb, x
-            r = self.loss.rank(e_all, x_all)
-            out["rank"] = r.detach()
-            total = total + self.loss.rank_weight * r
+            for name, term, w in pairwise:
+                v = term(e_all, x_all)
+                out[name] = v.detach()
+                total = total + w * v
         out["loss"] = total
         return out
 
