@@ -534,7 +534,7 @@ def build_index(
 
     with torch_threads(threads) as n_threads, building_dir(out_dir) as tmp:
         if plan is not None:
-            embedder = ad.feature_embedder(plan.backbone, batch_size)
+            embedder = ad.feature_embedder(plan.backbone, batch_size, engine=engine, threads=n_threads)
         else:
             assert model_file is not None
             embedder = load_embedder(model_file, batch_size=batch_size, engine=engine, threads=n_threads)
