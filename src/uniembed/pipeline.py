@@ -89,10 +89,8 @@ def subset_labels_csv(
     return counts
 
 
-def _demo_labels(feats: Path) -> dict[str, str]:
+def _demo_labels(dim: int) -> dict[str, str]:
     """Row names for the demo's table that say what each row is and how wide it is."""
-    info = json.loads((Path(feats) / "info.json").read_text())
-    dim = int(info.get("dim", 0))
     return {
         "raw": f"raw backbone features, {dim:,}-d (uncompressed reference)",
         "pca64": "PCA-64 of those (64-d, no training)",
@@ -169,8 +167,8 @@ def run_demo(data: Path | None, out: Path, quick: bool = True, console: Console 
     timer.run("index", build_index, model_dir / "saved_model.pt", str(subset), index_dir)
     query = _first_path(subset)
     hits = timer.run("search", search_paths, index_dir, [query], k=5)
-    table = mp5_table(f"mP@5 on held-out labels ({description})", ev, console, labels=_demo_labels(feats))
     width = int(json.loads((Path(feats) / "info.json").read_text()).get("dim", 0))
+    table = mp5_table(f"mP@5 on held-out labels ({description})", ev, console, labels=_demo_labels(width))
     console.print(
         "[bold]How to read it:[/bold] higher is better. The fair comparison is the trained 64-d head against "
         f"PCA-64: both are 64-d. The raw row is the backbone's full-width features ({width:,}-d, "
@@ -211,22 +209,6 @@ PHOTO_FRACTION = 0.2  # share of each training label's photos held out for the "
 ADAPT_SPECS = ("pcaw256",)
 
 
-def _head_embeddings(run: Path, feats: np.ndarray, batch: int = 4096) -> np.ndarray:
-    """A trained run's head applied to cached backbone features (all rows)."""
-    import torch
-
-    from uniembed.train import load_head
-
-    head, _ = load_head(run)
-    with torch.no_grad():
-        return np.concatenate(
-            [
-                head(torch.from_numpy(np.asarray(feats[i : i + batch], np.float32))).numpy()
-                for i in range(0, len(feats), batch)
-            ]
-        )
-
-
 def build_model(
     data: Path | None, out: Path, config: Path, work: Path, lodo: bool = True, console: Console | None = None
 ) -> dict:
@@ -235,11 +217,11 @@ def build_model(
     labels (secondary), then train the shipped model on every label of every domain and export it."""
     from uniembed.data.demo_data import resolve_demo_data
     from uniembed.data.prepare import prepare
-    from uniembed.eval.evaluate import evaluate
+    from uniembed.eval.evaluate import evaluate, head_embeddings
     from uniembed.eval.lodo import leave_one_domain_out, lodo_means
     from uniembed.export.guie import export_guie
     from uniembed.features.extract import extract
-    from uniembed.train import TrainConfig, train
+    from uniembed.train import TrainConfig, load_head, train
     from uniembed.train.data import load_features
 
     console = console or Console()
@@ -282,7 +264,7 @@ def build_model(
         def embed_without(left_out: str) -> np.ndarray:
             others = [d for d in all_domains if d != left_out]
             r = run_recipe(f"lodo-{left_out}", f"train without {left_out}", others, val_fraction=0.0)
-            return _head_embeddings(r, x)
+            return head_embeddings(load_head(r)[0], x)
 
         def show(left_out: str, scores: dict[str, float]) -> None:
             console.print(

@@ -260,7 +260,8 @@ def baseline_embeddings(name: str, feats: np.ndarray, fit_feats: np.ndarray) -> 
     raise EvalError(f"unknown baseline {name!r}; known: raw, pca<k> (e.g. pca64)")
 
 
-def _head_embeddings(head: Any, feats: np.ndarray, batch: int = 4096) -> np.ndarray:
+def head_embeddings(head: Any, feats: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """A head applied to cached backbone features, in blocks (no gradients)."""
     import torch
 
     with torch.no_grad():
@@ -419,7 +420,7 @@ def evaluate(
             fit_rows = rows
         fit_feats = np.asarray(fs.features[fit_rows], np.float32)
         if kind == "run" and not model_route:
-            methods["head"] = _head_embeddings(head, feats)
+            methods["head"] = head_embeddings(head, feats)
             notes["head"] = f"head of run {src.name} on cached features {Path(feature_dirs[0]).name}"
 
     # ---- image route (exported model; a run on a labels.csv or with a fine-tuned backbone)

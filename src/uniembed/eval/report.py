@@ -290,7 +290,8 @@ def plot_universality(
         panels.append(("new photos of the training labels", new_photos))
     methods = list(dict.fromkeys([*by_method, *unseen, *(new_photos or {})]))
     widths = [max(3, len({g for v in rows.values() for g in v})) for _, rows in panels]
-    if max(widths) <= 5:  # few domains: panels side by side, each as wide as its groups
+    side_by_side = max(widths) <= 5
+    if side_by_side:  # few domains: panels side by side, each as wide as its groups
         fig, grid = plt.subplots(
             1,
             len(panels),
@@ -322,7 +323,6 @@ def plot_universality(
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     handles, names = axes[0][0].get_legend_handles_labels()
-    side_by_side = max(widths) <= 5
     ncol = min(len(names), 5 if side_by_side else 2)
     fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08 if side_by_side else 0.05, 1, 1))

@@ -110,20 +110,16 @@ def feature_embedder(bb: Any, batch_size: int, engine: str = "auto", threads: in
 
     pre = ImagePreprocessor(bb.preprocess)
     notes: list[str] = []
+    model: Any = None
+    kind = "eager"
     if engine in ("auto", "onnxruntime"):
         try:
-            ort_model = OrtFeatures(bb, threads)
-            e = Embedder(
-                ort_model, None, str(bb.fingerprint()), batch_size, resize=pre.resize, engine="onnxruntime"
-            )
-            e._dim = int(bb.dim)
-            return e
+            model, kind = OrtFeatures(bb, threads), "onnxruntime"
         except Exception as ex:  # noqa: BLE001 - any export/session failure: eager torch still works
             notes.append(f"ONNX Runtime unavailable for this backbone ({type(ex).__name__}); eager torch")
-    model = GuieModel(pre, bb.module, L2Normalize()).eval()
-    e = Embedder(
-        model, None, str(bb.fingerprint()), batch_size, resize=pre.resize, engine="eager", notes=notes
-    )
+    if model is None:
+        model = GuieModel(pre, bb.module, L2Normalize()).eval()
+    e = Embedder(model, None, str(bb.fingerprint()), batch_size, resize=pre.resize, engine=kind, notes=notes)
     e._dim = int(bb.dim)
     return e
 

@@ -47,7 +47,7 @@ def _fail(msg: str, code: int = 2) -> typer.Exit:
 
 
 #: `uniembed index` without --model: a collection-adapted index, the measured winner on the merged
-#: leave-one-domain-out protocol (left-out mean 0.619 vs 0.586 for the fixed 64-d model; docs/search.md).
+#: leave-one-domain-out protocol (left-out mean 0.619 vs 0.591 for the fixed 64-d model; docs/search.md).
 DEFAULT_ADAPT = "pcaw256"
 DEFAULT_BACKBONE = "mobilenetv2+efficientnet_lite2"
 

@@ -826,8 +826,8 @@ class _AdaptPlan:
             with torch_threads(threads):
                 how = ad.write_query_model(self.backbone, proj, tmp / ad.QUERY_MODEL)
             n_old = len(old) if old is not None else 0
-            # Index vectors: new images from their float32 features (exactly what the query model gives);
-            # stored images from their float16 features.
+            # Index vectors: new images from their float32 features (what the query model computes, up to
+            # the feature engine's rounding); stored images from their float16 features.
             vectors = proj.apply(new_feats)
             rebuild = (
                 np.concatenate([proj.apply(feats[:n_old].astype(np.float32)), vectors]) if n_old else None

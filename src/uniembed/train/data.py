@@ -225,17 +225,14 @@ NEIGHBOUR_POOL = 10
 
 
 def nearest_rows(feats: torch.Tensor, k: int = NEIGHBOUR_POOL, block: int = 2048) -> torch.Tensor:
-    """[N, k] positions of each row's k nearest other rows by cosine of the full-width features (exact,
-    in blocks so memory stays O(block x N))."""
+    """[N, k] positions of each row's k nearest other rows by cosine of the full-width features: the
+    project's exact blocked k-NN (``eval.metrics.knn``) on L2-normalised rows, where Euclidean order is
+    cosine order."""
+    from uniembed.eval.metrics import knn
+
     f = torch.nn.functional.normalize(feats.float(), dim=1)
-    k = min(k, f.shape[0] - 1)
-    out = []
-    for s in range(0, f.shape[0], block):
-        sims = f[s : s + block] @ f.T
-        rows = torch.arange(sims.shape[0])
-        sims[rows, rows + s] = float("-inf")
-        out.append(torch.topk(sims, k, dim=1).indices)
-    return torch.cat(out)
+    _, idx = knn(f, k=k, exclude_self=True, block=block)
+    return torch.from_numpy(idx)
 
 
 def epoch_order(
