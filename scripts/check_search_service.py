@@ -21,8 +21,8 @@ from pathlib import Path
 
 import httpx
 
+from uniembed.core.paths import shared_data_dir
 from uniembed.data.sources import write_labels_csv
-from uniembed.paths import shared_data_dir
 from uniembed.serve.background import CHROMIUM_ARGS, ServerProcess, find_chromium
 
 

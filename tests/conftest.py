@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from uniembed.core.paths import shared_data_dir
 from uniembed.data.sources import write_labels_csv
-from uniembed.paths import shared_data_dir
 
 SHARED = shared_data_dir()
 NO_SHARED = "../shared/data (real photos) not found beside the checkout; set UNIEMBED_SHARED_DATA to run"

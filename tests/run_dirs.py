@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
+
+from uniembed.core.run_record import HeadRecord
 
 
 def write_head_run(run: Path, head: nn.Module, head_cfg: dict, feature_dir: Path, info: dict) -> Path:
@@ -15,19 +16,15 @@ def write_head_run(run: Path, head: nn.Module, head_cfg: dict, feature_dir: Path
     from uniembed.train import TrainConfig
 
     run.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "head_config": head_cfg,
-            "state_dict": head.state_dict(),
-            "backbone": info["backbone"],
-            "pooling": info.get("pooling", "avg"),
-            "preprocess": info.get("preprocess"),
-            "fingerprint": info["fingerprint"],
-            "feature_dir": str(feature_dir),
-            "embedding_dim": int(head_cfg["out_dim"]),
-            "backbone_state": None,
-        },
-        run / "head.pt",
-    )
+    HeadRecord(
+        head_config=head_cfg,
+        state_dict=head.state_dict(),
+        backbone=info["backbone"],
+        pooling=info.get("pooling", "avg"),
+        preprocess=info.get("preprocess"),
+        fingerprint=info["fingerprint"],
+        feature_dir=str(feature_dir),
+        embedding_dim=int(head_cfg["out_dim"]),
+    ).save(run / "head.pt")
     TrainConfig(features=[str(feature_dir)]).to_yaml(run / "config.yaml")
     return run

@@ -51,7 +51,7 @@ def test_efficientnet_lite2_imagenet_classifier_recognises_produce(shared_data: 
 
 def test_mobilenetv2_features_retrieve_coil100_objects(shared_data: Path) -> None:
     """Average-pooled MobileNetV2 features reach leave-one-out mP@5 >= 0.85 on all of COIL-100."""
-    from uniembed.eval.metrics import retrieval_metrics
+    from uniembed.core.metrics import retrieval_metrics
     from uniembed.features.extract import embed_paths
 
     rows = _rows(shared_data / "coil100" / "labels.csv")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from uniembed.paths import repo_root
+from uniembed.core.paths import repo_root
 from uniembed.serve.background import CHROMIUM_ARGS, ServerProcess, find_chromium
 from uniembed.serve.index import build_index
 from uniembed.serve.tiny_model import make_tiny_model

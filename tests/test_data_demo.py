@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from uniembed.core.paths import shared_data_dir
 from uniembed.data.demo_data import (
     GROCERY_COMMIT,
     SMOKE_IMAGES,
@@ -29,7 +30,6 @@ from uniembed.data.demo_data import (
 from uniembed.data.images import load_image
 from uniembed.data.prepare import prepare
 from uniembed.data.sources import DataError
-from uniembed.paths import shared_data_dir
 
 
 def closed_port_url() -> str:

@@ -16,9 +16,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from run_dirs import write_head_run
+from uniembed.core.metrics import retrieval_metrics
 from uniembed.data.sources import write_labels_csv
 from uniembed.eval.evaluate import EvalError, evaluate
-from uniembed.eval.metrics import retrieval_metrics
 from uniembed.features.store import write_feature_set
 from uniembed.models.heads import build_head
 
@@ -84,7 +84,7 @@ def _png_ok(path: Path) -> None:
 
 
 def test_run_on_val_split_with_baselines(synth: dict, tmp_path: Path) -> None:
-    from uniembed.train.data import split_labels
+    from uniembed.core.splits import split_labels
 
     out = tmp_path / "ev"
     res = evaluate(synth["run"], None, out, split="val", compare=["raw", "pca64"], progress=False)
@@ -120,8 +120,8 @@ def test_run_on_val_split_with_baselines(synth: dict, tmp_path: Path) -> None:
 
 
 def test_photos_split_scores_the_heldout_photos_of_training_labels(synth: dict, tmp_path: Path) -> None:
+    from uniembed.core.splits import heldout_photos, split_labels
     from uniembed.train import TrainConfig
-    from uniembed.train.data import heldout_photos, split_labels
 
     with pytest.raises(EvalError, match="photo_fraction"):  # the run held out no photos
         evaluate(synth["run"], None, tmp_path / "none", split="photos", progress=False)

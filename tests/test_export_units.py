@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from uniembed.eval.report import spread_rows
+from uniembed.core.splits import spread_rows
 from uniembed.export.embedder import to_uint8_chw
 from uniembed.export.model import GuieModel, script_model
 from uniembed.models.heads import build_head

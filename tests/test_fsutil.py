@@ -1,4 +1,4 @@
-"""uniembed.fsutil: file hashes, atomic file writes and atomic folder replacement (used by every stage)."""
+"""uniembed.core.fsutil: file hashes, atomic file writes and atomic folder replacement."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from uniembed.fsutil import atomic_path, atomic_write_text, building_dir, sha256_file
+from uniembed.core.fsutil import atomic_path, atomic_write_text, building_dir, sha256_file
 
 
 def test_sha256_file(tmp_path: Path) -> None:

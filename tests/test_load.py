@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from uniembed.paths import repo_root, shared_data_dir
+from uniembed.core.paths import repo_root, shared_data_dir
 from uniembed.serve.background import ServerProcess
 from uniembed.serve.index import build_index
 from uniembed.serve.tiny_model import make_synthetic_images, make_tiny_model

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from uniembed.eval.metrics import knn, per_domain_metrics, per_domain_mp5, retrieval_metrics
+from uniembed.core.metrics import knn, per_domain_metrics, per_domain_mp5, retrieval_metrics
 
 
 def col(*xs: float) -> np.ndarray:

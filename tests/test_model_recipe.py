@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from uniembed.core.paths import repo_root
 from uniembed.models.losses import SimilarityDistillLoss, build_loss, loss_config
-from uniembed.paths import repo_root
 from uniembed.train import TrainConfig
 
 

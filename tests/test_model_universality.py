@@ -22,9 +22,9 @@ import torch
 import yaml
 from rich.console import Console
 
+from uniembed.core.paths import repo_root
 from uniembed.data.sources import write_labels_csv
 from uniembed.eval.universality import check_model_dir
-from uniembed.paths import repo_root
 from uniembed.pipeline import build_model
 
 pytestmark = [pytest.mark.shared_data, pytest.mark.slow]

@@ -12,9 +12,10 @@ import yaml
 from typer.testing import CliRunner
 
 from uniembed.cli import app
+from uniembed.core.splits import heldout_photos, split_labels
 from uniembed.features.store import load_feature_set
 from uniembed.train import TrainConfig, load_head, train
-from uniembed.train.data import epoch_order, heldout_photos, prepare_data, split_labels
+from uniembed.train.data import epoch_order, prepare_data
 from uniembed.train.synthetic import write_synthetic_features
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,8 +64,11 @@ def test_cli_smoke_run_writes_every_output(syn: Path, tmp_path: Path) -> None:
     assert saved.epochs == 3 and saved.features == [str(syn)] and saved.optim.lr == pytest.approx(3e-3)
     # head.pt per docs/design.md; load_head rebuilds the head and it embeds features to unit 64-d vectors.
     head, rec = load_head(run)
-    assert rec["embedding_dim"] == 64 and rec["backbone"] == "synthetic" and rec["backbone_state"] is None
-    assert {"head_config", "state_dict", "pooling", "preprocess", "feature_dir"} <= set(rec)
+    assert rec.embedding_dim == 64 and rec.backbone == "synthetic" and rec.backbone_state is None
+    assert rec.feature_dirs() == [syn] and 1 <= rec.selected_epoch <= 3 and rec.head_config["out_dim"] == 64
+    # On disk it stays a plain dict that torch.load(weights_only=True) reads.
+    raw = torch.load(run / "head.pt", weights_only=True)
+    assert raw["embedding_dim"] == 64 and set(raw["state_dict"]) == set(head.state_dict())
     fs = load_feature_set(syn)
     with torch.no_grad():
         e = head(torch.from_numpy(np.asarray(fs.features)))

@@ -61,14 +61,14 @@ def test_finetune_stage_saves_backbone_and_updates_head(small_features: Path, tm
     )
     run = train(cfg)
     head, rec = load_head(run)
-    assert rec["backbone_state"] == "backbone_finetuned.pt" and rec["backbone"] == "mobilenetv2"
-    assert Path(rec["feature_dir"]) == small_features
-    ft = rec["finetune"]
+    assert rec.backbone_state == "backbone_finetuned.pt" and rec.backbone == "mobilenetv2"
+    assert rec.feature_dirs() == [small_features]
+    ft = rec.finetune
     assert ft["steps"] == 2 and ft["images"] == 8 and ft["blocks"] == 1
     assert 0.0 <= ft["val"]["mP@5"] <= 1.0 and ft["val_images"] == 24
     # The saved state loads onto a freshly created backbone; only the last block moved.
     fresh = create_backbone("mobilenetv2", pretrained=True)
-    state = torch.load(run / rec["backbone_state"], weights_only=True)
+    state = torch.load(run / rec.backbone_state, weights_only=True)
     before = {k: v.clone() for k, v in fresh.module.state_dict().items()}
     fresh.module.load_state_dict(state)
     changed = {k.split(".")[1] for k in state if not torch.equal(state[k], before[k])}

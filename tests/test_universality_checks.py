@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from uniembed.core.paths import repo_root
 from uniembed.eval.universality import check_model_dir, universality_checks
-from uniembed.paths import repo_root
 
 
 def _report(head_lodo, raw_cnn, pca_cnn, unseen_head) -> dict:

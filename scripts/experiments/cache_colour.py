@@ -63,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     from tqdm import tqdm
 
-    from uniembed.paths import shared_data_dir
+    from uniembed.core.paths import shared_data_dir
 
     rows = read_rows(Path(args.shared) if args.shared else shared_data_dir())
     hists: dict[str, list[np.ndarray]] = {}

@@ -171,7 +171,7 @@ def main() -> None:
     from uniembed.models.preprocess import ImagePreprocessor, PreprocessConfig
 
     torch.set_num_threads(args.threads)
-    from uniembed.paths import shared_data_dir
+    from uniembed.core.paths import shared_data_dir
 
     rows = read_rows(Path(args.shared) if args.shared else shared_data_dir())
     if args.stride > 1:  # every k-th image: a cheap, domain-spread subset (augmented views are costly)

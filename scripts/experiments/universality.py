@@ -2,7 +2,7 @@
 
 Reads a feature cache (``cache_features.py`` npz, or a library feature directory from ``uniembed extract``),
 and scores one *variant* (a baseline or a head recipe) under two protocols, GUIE mP@5
-(``uniembed.eval.metrics.retrieval_metrics``, Euclidean k=5, leave-one-out):
+(``uniembed.core.metrics.retrieval_metrics``, Euclidean k=5, leave-one-out):
 
 * **left-out domain** (3 rotations): train on two domains, score every image of the third.
 * **unseen labels** ("all3" split): half of the labels of *each* domain (deterministic by ``--seed``) are
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniembed.eval.metrics import retrieval_metrics
+from uniembed.core.metrics import retrieval_metrics
 
 DOMAINS = ("packaged_goods", "produce", "toys_household_objects")
 SHORT = {"packaged_goods": "pg", "produce": "produce", "toys_household_objects": "toys"}

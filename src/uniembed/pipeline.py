@@ -18,8 +18,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from uniembed.core.paths import repo_root
 from uniembed.data.sources import write_labels_csv
-from uniembed.paths import repo_root
 
 METHOD_LABELS = {
     "raw": "raw backbone features (the head's input)",
@@ -221,8 +221,8 @@ def build_model(
     from uniembed.eval.lodo import leave_one_domain_out, lodo_means
     from uniembed.export.guie import export_guie
     from uniembed.features.extract import extract
+    from uniembed.features.store import load_features
     from uniembed.train import TrainConfig, load_head, train
-    from uniembed.train.data import load_features
 
     console = console or Console()
     timer = StepTimer(console)

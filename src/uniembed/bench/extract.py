@@ -30,7 +30,7 @@ class BenchDataError(RuntimeError):
 def select_images(cfg: BenchConfig) -> list[dict]:
     """A fixed subset: ``n_images`` rows, ``png_fraction`` of them COIL-100 PNGs, the rest grocery JPEGs,
     drawn with a seeded RNG and sorted by path, so every run and both sides see the same files."""
-    from uniembed.paths import shared_data_dir
+    from uniembed.core.paths import shared_data_dir
 
     root = cfg.data_dir or shared_data_dir()
     if root is None:

@@ -23,9 +23,9 @@ import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+from uniembed.core.fsutil import building_dir, sha256_file
+from uniembed.core.paths import cache_dir, shared_data_dir
 from uniembed.data.sources import DataError
-from uniembed.fsutil import building_dir, sha256_file
-from uniembed.paths import cache_dir, shared_data_dir
 
 GROCERY_COMMIT = "fc80ba90f803d79d0383df52c5a4ac5de99ff6fc"
 GROCERY_URL = f"https://github.com/marcusklasson/GroceryStoreDataset/archive/{GROCERY_COMMIT}.zip"

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from uniembed.core.fsutil import building_dir, file_stamp
 from uniembed.data.images import (
     DEFAULT_MAX_PIXELS,
     RESIZE_MODES,
@@ -40,7 +41,6 @@ from uniembed.data.images import (
     resize_image,
 )
 from uniembed.data.sources import DataError, Record, Source, parse_sources
-from uniembed.fsutil import building_dir, file_stamp
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"

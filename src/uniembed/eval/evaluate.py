@@ -113,16 +113,16 @@ def run_split(run_dir: Path) -> tuple[set[str], set[str], set[str]]:
     """(train labels, held-out labels, held-out photo paths) of a run, recomputed exactly as training split
     them (same feature dirs, same split config). The photo paths are empty unless the run held out photos of
     its training labels (``split.photo_fraction``)."""
-    from uniembed.export.model import feature_dirs_of
-    from uniembed.train import TrainConfig, load_head
-    from uniembed.train.data import heldout_photos, load_features, split_labels
+    from uniembed.core.run_record import HeadRecord
+    from uniembed.core.splits import heldout_photos, split_labels
+    from uniembed.features.store import load_features
+    from uniembed.train import TrainConfig
 
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise EvalError(f"{run_dir} has no config.yaml: cannot recompute its label split (use --split all)")
     cfg = TrainConfig.from_yaml(cfg_path)
-    _, info = load_head(run_dir)
-    dirs = [str(d) for d in feature_dirs_of(info)]
+    dirs = [str(d) for d in HeadRecord.load(run_dir).feature_dirs()]
     missing = [d for d in dirs if not (Path(d) / "info.json").exists()]
     if not dirs or missing:
         raise EvalError(
@@ -293,7 +293,7 @@ def evaluate(
 ) -> dict:
     """Score ``source`` (and the ``compare`` baselines) on ``data``; write metrics.json, report.md,
     per_domain.png and grid.png into ``out_dir``. Returns the metrics dict."""
-    from uniembed.eval.metrics import per_domain_metrics, retrieval_metrics
+    from uniembed.core.metrics import per_domain_metrics, retrieval_metrics
 
     src = Path(source)
     kind = source_kind(src)
@@ -364,7 +364,7 @@ def evaluate(
         head, hinfo = load_head(src)
         # A fine-tuned backbone makes the cached features stale for the head: its images are embedded by the
         # run's own model instead (the cached features still serve as raw/PCA baselines).
-        finetuned = bool(hinfo.get("backbone_state"))
+        finetuned = bool(hinfo.backbone_state)
     model_route = kind == "saved_model" or (kind == "run" and (finetuned or dkind == "labels_csv"))
     feature_dirs: list[str] = []
     if kind == "features":
@@ -372,13 +372,11 @@ def evaluate(
     elif dkind == "features":
         feature_dirs = [str(data)]
     elif kind == "run" and dkind is None:
-        from uniembed.export.model import feature_dirs_of
-
-        feature_dirs = [str(d) for d in feature_dirs_of(hinfo)]
+        feature_dirs = [str(d) for d in hinfo.feature_dirs()]
     elif kind == "run" and dkind == "dataset" and not finetuned:
         from uniembed.features.extract import extract
 
-        feature_dirs = [str(extract(data, backbone=hinfo["backbone"], pooling=hinfo.get("pooling", "avg")))]
+        feature_dirs = [str(extract(data, backbone=hinfo.backbone, pooling=hinfo.pooling))]
     if compare and not feature_dirs:
         raise EvalError(
             "--compare needs features: pass --data <feature dir> (for an exported model the images "
@@ -389,14 +387,14 @@ def evaluate(
 
     fs = None
     if feature_dirs:
-        from uniembed.train.data import load_features
+        from uniembed.features.store import load_features
 
         try:
             fs, names, _ = load_features(feature_dirs)
         except FileNotFoundError as e:
             raise EvalError(str(e)) from None
         if kind == "run" and not finetuned:
-            want = hinfo.get("fingerprint")
+            want = hinfo.fingerprint
             if want and fs.info.get("fingerprint") and want != fs.info["fingerprint"]:
                 raise EvalError(
                     f"features in {feature_dirs[0]} come from {fs.info.get('backbone')} "
@@ -554,11 +552,11 @@ def evaluate(
         "methods": results,
     }
     # ---- figures
+    from uniembed.core.splits import spread_rows
     from uniembed.eval.report import (
         load_thumbnails,
         plot_grid,
         plot_per_domain,
-        spread_rows,
         write_metrics_json,
         write_report_md,
     )

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from uniembed.eval.metrics import retrieval_metrics
+from uniembed.core.metrics import retrieval_metrics
 from uniembed.models.projection import AdaptSpec, fit_projection, l2n, parse_adapt_spec
 
 #: Method names in reports, with what each row is.

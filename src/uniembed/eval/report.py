@@ -10,37 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from uniembed.fsutil import atomic_path, atomic_write_text
+from uniembed.core.fsutil import atomic_path, atomic_write_text
 
 METRIC_KEYS = ("mP@5", "recall@1", "recall@5", "mAP@100")
-
-
-def spread_rows(domains: np.ndarray, n: int, allowed: np.ndarray | None = None) -> list[int]:
-    """Up to ``n`` row indices, round-robin over domains, evenly spaced within each (deterministic).
-    ``allowed``: optional bool mask of eligible rows (e.g. scored queries)."""
-    domains = np.asarray(domains)
-    ok = np.ones(len(domains), bool) if allowed is None else np.asarray(allowed, bool)
-    doms = sorted(set(domains[ok].tolist()))
-    if not doms or n <= 0:
-        return []
-    per = {d: np.flatnonzero((domains == d) & ok) for d in doms}
-    want = {d: 0 for d in doms}
-    for i in range(min(n, int(ok.sum()))):
-        want[doms[i % len(doms)]] += 1
-    # hand the quota of small domains to the others
-    spare = sum(max(0, want[d] - len(per[d])) for d in doms)
-    for d in doms:
-        want[d] = min(want[d], len(per[d]))
-    for d in doms:
-        extra = min(spare, len(per[d]) - want[d])
-        want[d] += extra
-        spare -= extra
-    picked: list[int] = []
-    for d in doms:
-        rows, k = per[d], want[d]
-        if k:
-            picked += rows[np.linspace(0, len(rows) - 1, k).round().astype(int)].tolist()
-    return sorted(set(picked))
 
 
 def write_metrics_json(out: Path, result: dict) -> Path:

@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from uniembed.fsutil import sha256_file
+from uniembed.core.fsutil import sha256_file
+from uniembed.core.runtime import torch_threads
 
 SAVED_MODEL = "saved_model.pt"
 ONNX_MODEL = "model.onnx"
@@ -282,37 +283,6 @@ def _quiet_jit() -> contextlib.AbstractContextManager:
     return quiet_jit()
 
 
-def free_cores() -> int:
-    """CPU cores this process may use that are not already busy (cores minus the 1-minute load average).
-
-    Why: torch's OpenMP threads spin-wait for each other; when another process holds a core, a 2-thread
-    forward on a 2-core machine was measured 3x slower than a 1-thread one (and model loading 10-30x)."""
-    import os
-
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(cores, round(cores - busy)))
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None = None) -> Iterator[int]:
-    """Run a block with ``threads`` intra-op torch threads (None: :func:`free_cores`), restoring the previous
-    setting afterwards; yields the number used."""
-    prev = torch.get_num_threads()
-    n = int(threads) if threads else free_cores()
-    torch.set_num_threads(n)
-    try:
-        yield n
-    finally:
-        torch.set_num_threads(prev)
-
-
 # ---------------------------------------------------------------------------------------------- loading
 def _probe_images() -> list[torch.Tensor]:
     """Deterministic uint8 batches that exercise down- and up-sizing, odd sizes and a batch of two."""
@@ -418,7 +388,7 @@ def _onnx_twin(sm: Path, fingerprint: str, threads: int | None) -> tuple[_OnnxMo
     try:
         import onnxruntime  # noqa: F401
 
-        from uniembed.export.onnx_export import onnx_session
+        from uniembed.core.runtime import onnx_session
     except ImportError:
         return None, "onnxruntime is not installed"
     try:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
+from uniembed.core.fsutil import atomic_path, atomic_write_text
 from uniembed.export.embedder import SAVED_MODEL, file_fingerprint
-from uniembed.fsutil import atomic_path, atomic_write_text
 
 
 def export_guie(
@@ -28,7 +28,7 @@ def export_guie(
     from rich.console import Console
 
     from uniembed.export.card import write_card
-    from uniembed.export.model import build_run_model, feature_dirs_of, feature_info, quiet_jit, script_model
+    from uniembed.export.model import build_run_model, feature_info, quiet_jit, script_model
     from uniembed.export.parity import check_parity as _check_parity
     from uniembed.export.parity import require_parity
 
@@ -51,7 +51,7 @@ def export_guie(
             y = loaded(torch.randint(0, 256, (2, 3, 97, 301), dtype=torch.uint8))
         if y.dtype != torch.float32 or tuple(y.shape) != (
             2,
-            int(rm.head_info.get("embedding_dim") or y.shape[1]),
+            int(rm.record.embedding_dim or y.shape[1]),
         ):
             raise RuntimeError(f"saved_model.pt returned {y.dtype} {tuple(y.shape)}; expected float32 [2, D]")
     console.print(f"[green]saved_model.pt[/] written (backbone {how}), output {tuple(y.shape)}")
@@ -89,7 +89,7 @@ def export_guie(
             f"{parity['max_abs_diff']:.2e} ({'passed' if parity['passed'] else 'FAILED'})"
         )
 
-    fdirs = feature_dirs_of(rm.head_info)
+    fdirs = rm.record.feature_dirs()
     finfo = feature_info(fdirs[0]) if fdirs else {}
     if fdirs:
         finfo["_dir"] = str(fdirs[0])
@@ -123,8 +123,8 @@ def export_guie(
             "members": bb.info.get("members"),  # an ensemble's members (None for a single backbone)
         },
         "preprocess": pre.to_dict(),
-        "head": rm.head_info.get("head_config"),
-        "selected_epoch": rm.head_info.get("selected_epoch"),
+        "head": rm.record.head_config,
+        "selected_epoch": rm.record.selected_epoch,
         "feature_dirs": [str(d) for d in fdirs],
         "parity": parity,
     }

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from uniembed.core.run_record import HeadRecord
 from uniembed.models.preprocess import ImagePreprocessor, PreprocessConfig
 
 
@@ -53,7 +54,7 @@ class RunModel:
     model: GuieModel
     backbone: Any  # uniembed.models.Backbone
     head: nn.Module
-    head_info: dict  # the head.pt dict (minus the state dict)
+    record: HeadRecord  # the run record (head.pt)
     preprocess: PreprocessConfig
     run_dir: Path
     finetuned: bool = False  # backbone weights from the run's fine-tune stage (cached features are stale)
@@ -70,47 +71,38 @@ def build_run_model(run_dir: str | Path) -> RunModel:
     run = Path(run_dir)
     if not (run / "head.pt").exists():
         raise FileNotFoundError(f"{run} is not a training run (no head.pt); run `uniembed train` first")
-    head, info = load_head(run)
+    head, rec = load_head(run)
     head.eval()
-    name = info.get("backbone")
+    name = rec.backbone
     if not name:
         raise ValueError(f"{run / 'head.pt'} does not name its backbone")
-    pooling = info.get("pooling") or "avg"
+    pooling = rec.pooling or "avg"
     bb = create_backbone(name, pretrained=True, pooling=pooling)
     pre_cfg = bb.preprocess
-    if info.get("preprocess"):
-        pre_cfg = PreprocessConfig.from_dict(info["preprocess"])
+    if rec.preprocess:
+        pre_cfg = PreprocessConfig.from_dict(rec.preprocess)
         if pre_cfg.to_dict() != bb.preprocess.to_dict():
             raise ValueError(
                 f"head.pt preprocessing {pre_cfg.to_dict()} differs from backbone {name!r} "
                 f"preprocessing {bb.preprocess.to_dict()}"
             )
-    finetuned = bool(info.get("backbone_state"))
+    finetuned = bool(rec.backbone_state)
     if finetuned:
         # The fine-tune stage stored the whole backbone module's weights beside head.pt.
-        state_path = run / str(info["backbone_state"])
+        state_path = run / str(rec.backbone_state)
         if not state_path.exists():
             raise FileNotFoundError(f"{run / 'head.pt'} names fine-tuned weights {state_path}: not found")
         bb.module.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
         bb.module.eval()
     else:
-        want = info.get("fingerprint") or feature_info(info.get("feature_dir")).get("fingerprint")
+        want = rec.fingerprint or feature_info(rec.feature_dir).get("fingerprint")
         if want and want != bb.fingerprint():
             raise ValueError(
                 f"backbone {name!r} (pooling {pooling}) has fingerprint {bb.fingerprint()}, but the head was "
                 f"trained on features with fingerprint {want}; weights or preprocessing changed since"
             )
     model = GuieModel(ImagePreprocessor(pre_cfg), bb.module, head).eval()
-    head_info = {k: v for k, v in info.items() if k != "state_dict"}
-    return RunModel(model, bb, head, head_info, pre_cfg, run, finetuned)
-
-
-def feature_dirs_of(head_info: dict) -> list[Path]:
-    """The run's feature dir(s) (``feature_dir`` in head.pt is a path, or a list when several were merged)."""
-    fd = head_info.get("feature_dir")
-    if not fd:
-        return []
-    return [Path(p) for p in (fd if isinstance(fd, list) else [fd])]
+    return RunModel(model, bb, head, rec, pre_cfg, run, finetuned)
 
 
 def feature_info(feature_dir: str | Path | list | None) -> dict:

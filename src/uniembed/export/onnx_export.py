@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from uniembed.fsutil import atomic_path
+from uniembed.core.fsutil import atomic_path
+from uniembed.core.runtime import onnx_session
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
@@ -57,20 +58,6 @@ def _quiet_export(model: nn.Module, example: torch.Tensor, path: Path, dynamic: 
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), str(path), **kwargs)
-
-
-def onnx_session(path: str | Path, threads: int | None = None):  # -> onnxruntime.InferenceSession
-    """A CPU onnxruntime session (the one way this project opens ONNX files)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.inter_op_num_threads = 1
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    # Spinning worker threads help an idle machine a little and hurt a shared one a lot (measured 35%).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def run_onnx(session, x: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from uniembed.eval.report import spread_rows
+from uniembed.core.splits import spread_rows
 
 COSINE_THRESHOLD = 0.999
 
@@ -102,8 +102,9 @@ def check_parity(
 
     ``photos``: original image paths to use (default: taken from the run's feature cache metadata, spread
     over domains). Returns a JSON-able report with ``passed``; does not raise (``require_parity`` does)."""
-    from uniembed.export.model import feature_dirs_of, quiet_jit
-    from uniembed.export.onnx_export import onnx_session, run_onnx
+    from uniembed.core.runtime import onnx_session
+    from uniembed.export.model import quiet_jit
+    from uniembed.export.onnx_export import run_onnx
     from uniembed.features.store import load_feature_set
 
     with quiet_jit():
@@ -120,7 +121,7 @@ def check_parity(
     def one_by_one(fn: Any, imgs: list[torch.Tensor]) -> np.ndarray:
         return np.concatenate([np.asarray(fn(x.unsqueeze(0))) for x in imgs]) if imgs else np.zeros((0, 1))
 
-    fdirs = feature_dirs_of(run_model.head_info)
+    fdirs = run_model.record.feature_dirs()
     # 1. images the feature cache was computed from: all routes, including head(cached feature)
     shard_imgs: list[torch.Tensor] = []
     if run_model.finetuned:

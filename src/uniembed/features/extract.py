@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from uniembed.core.fsutil import file_stamp
 from uniembed.features.store import is_complete, write_feature_set
-from uniembed.fsutil import file_stamp
 from uniembed.models.preprocess import ImagePreprocessor, PreprocessConfig
 from uniembed.models.registry import Backbone, create_backbone
 
@@ -151,7 +151,7 @@ def resolve_engine(engine: str, device: str | None = None) -> str:
 
 
 def default_threads() -> int:
-    from uniembed.models.backbones import cpu_threads_default
+    from uniembed.core.runtime import cpu_threads_default
 
     return cpu_threads_default()
 
@@ -188,11 +188,11 @@ class TorchRunner:
 def onnx_cache_path(backbone: Backbone) -> Path:
     """``cache_dir()/onnx/<fingerprint>.onnx``. Random weights get their content hash in the key, since one
     "random" fingerprint must never serve another run's differently initialised network."""
-    from uniembed.paths import cache_dir
+    from uniembed.core.paths import cache_dir
 
     key = backbone.fingerprint()
     if backbone.weights_hash == "random":
-        from uniembed.models.backbones import state_dict_sha256
+        from uniembed.core.runtime import state_dict_sha256
 
         key += "-r" + state_dict_sha256(backbone.module)[:12]
     d = cache_dir() / "onnx"
@@ -250,22 +250,15 @@ class OrtRunner:
     the worker needs (measured: docs/bench.md and the module docstring)."""
 
     def __init__(self, backbone: Backbone, threads: int | None = None, spin: bool = False):
-        import onnxruntime as ort
+        from uniembed.core.runtime import onnx_session
 
         path = onnx_cache_path(backbone)
         if not path.exists():
             export_onnx(backbone, path)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = int(threads or default_threads())
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.engine = "onnxruntime-spin" if spin else "onnxruntime"
         self.spin = spin
         self.path = path
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(path, int(threads or default_threads()), spin=spin)
 
     def __call__(self, pixels: torch.Tensor | np.ndarray) -> np.ndarray:
         x = pixels.numpy() if isinstance(pixels, torch.Tensor) else np.asarray(pixels)

@@ -107,3 +107,41 @@ def load_feature_set(feature_dir: str | Path, mmap: bool = True) -> FeatureSet:
         sources=[r["source"] for r in rows],
         info=info,
     )
+
+
+def load_features(dirs: list[str]) -> tuple[FeatureSet, np.ndarray, list[str]]:
+    """Load and concatenate feature dirs (same backbone fingerprint and width). Returns the concatenated set,
+    label *names* per row (label ids are per-manifest, names are global) and the dirs resolved."""
+    if not dirs:
+        raise ValueError("no feature directories given")
+    sets = [load_feature_set(d) for d in dirs]
+    first = sets[0]
+    for d, s in zip(dirs[1:], sets[1:], strict=True):
+        if s.dim != first.dim or s.info.get("fingerprint") != first.info.get("fingerprint"):
+            raise ValueError(
+                f"feature dir {d} was made by a different feature function "
+                f"({s.info.get('backbone')}/{s.info.get('fingerprint')}, dim {s.dim}) than {dirs[0]} "
+                f"({first.info.get('backbone')}/{first.info.get('fingerprint')}, dim {first.dim})"
+            )
+    names: list[np.ndarray] = []
+    for s in sets:
+        if s.label_names:
+            if int(s.labels.max(initial=-1)) >= len(s.label_names):
+                raise ValueError("feature set label ids exceed its label_names")
+            names.append(np.asarray(s.label_names, dtype=object)[s.labels])
+        else:
+            names.append(s.labels.astype(str).astype(object))
+    if len(sets) == 1:
+        fs = first
+    else:
+        fs = FeatureSet(
+            features=np.concatenate([np.asarray(s.features) for s in sets]),
+            labels=np.concatenate([s.labels for s in sets]),
+            label_names=[],
+            domains=np.concatenate([s.domains for s in sets]),
+            paths=sum((s.paths for s in sets), []),
+            keys=sum((s.keys for s in sets), []),
+            sources=sum((s.sources for s in sets), []),
+            info=first.info,
+        )
+    return fs, np.concatenate(names), [str(Path(d)) for d in dirs]

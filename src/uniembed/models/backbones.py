@@ -13,57 +13,20 @@ Every backbone's ``module`` maps a normalised float batch [B,3,S,S] to pooled fe
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import os
-import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from uniembed.core.runtime import file_sha256, state_dict_sha256
 from uniembed.models.pooling import MultiStagePool, make_pool, parse_pooling
 from uniembed.models.preprocess import PreprocessConfig
 from uniembed.models.registry import Backbone, register_backbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# --------------------------------------------------------------------------------------------- hashing
-
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
-_HASH_LOCK = threading.Lock()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a weights file, cached per process by (path, size, mtime): it is part of every cache key,
-    and re-hashing a large checkpoint for each call would dominate a cache hit."""
-    p = Path(path).resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
-    with _HASH_LOCK:
-        if key in _HASH_CACHE:
-            return _HASH_CACHE[key]
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    with _HASH_LOCK:
-        _HASH_CACHE[key] = digest
-    return digest
-
-
-def state_dict_sha256(module: nn.Module) -> str:
-    """Content hash of a module's tensors, for hub weights whose file location is the hub's business."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
 
 # --------------------------------------------------------------------------------------------- modules
 
@@ -473,11 +436,3 @@ def open_clip_backbone(name: str, pretrained: bool = True, pooling: str = "avg",
         "open_clip_preprocess_cfg": {k: (list(v) if isinstance(v, tuple) else v) for k, v in pcfg.items()}
     }
     return Backbone(f"open_clip:{name}", visual, pre, dim, "native", weights, whash, info)
-
-
-def cpu_threads_default() -> int:
-    """Intra-op threads for CPU inference: all cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)

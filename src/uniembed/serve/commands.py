@@ -309,8 +309,9 @@ def search_command(
     from rich.console import Console
     from rich.table import Table
 
+    from uniembed.core.runtime import free_cores
     from uniembed.data.images import BadImageError, load_image
-    from uniembed.export.embedder import ModelError, free_cores
+    from uniembed.export.embedder import ModelError
     from uniembed.serve.index import ImageIndexError, open_index_and_model
 
     try:
@@ -397,7 +398,8 @@ def serve_command(
     import faiss
     import uvicorn
 
-    from uniembed.export.embedder import ModelError, free_cores
+    from uniembed.core.runtime import free_cores
+    from uniembed.export.embedder import ModelError
     from uniembed.serve.app import create_app
     from uniembed.serve.index import ImageIndexError, open_index_and_model
 

@@ -32,14 +32,14 @@ from typing import Any
 
 import numpy as np
 
+from uniembed.core.fsutil import building_dir
+from uniembed.core.runtime import torch_threads
 from uniembed.export.embedder import (
     Embedder,
     file_fingerprint,
     load_embedder,
     resolve_model_path,
-    torch_threads,
 )
-from uniembed.fsutil import building_dir
 
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.csv"

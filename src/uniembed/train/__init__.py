@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
     from torch import nn
 
+    from uniembed.core.run_record import HeadRecord
+
 __all__ = ["TrainConfig", "load_head", "train"]
 
 
@@ -26,8 +28,8 @@ def train(
     return _train(config, resume=resume, stop_after=stop_after, overwrite=overwrite)
 
 
-def load_head(run_dir: Any) -> tuple[nn.Module, dict]:
-    """``(head in eval mode, head.pt dict)``; see :func:`uniembed.train.trainer.load_head`."""
+def load_head(run_dir: Any) -> tuple[nn.Module, HeadRecord]:
+    """``(head in eval mode, run record)``; see :func:`uniembed.train.trainer.load_head`."""
     from uniembed.train.trainer import load_head as _load_head
 
     return _load_head(run_dir)

@@ -16,6 +16,7 @@ Outputs in the run dir:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from uniembed.core.run_record import HEAD_FILE
 from uniembed.train.config import TrainConfig
 from uniembed.train.data import TrainData
 
@@ -159,7 +161,6 @@ def finetune(cfg: TrainConfig, run: Path, data: TrainData, console: Any) -> dict
     from uniembed.models.registry import create_backbone
     from uniembed.train.trainer import (
         CHECKPOINT_FILE,
-        HEAD_FILE,
         _resolve_device,
         atomic_save,
         build_optimizer,
@@ -187,7 +188,7 @@ def finetune(cfg: TrainConfig, run: Path, data: TrainData, console: Any) -> dict
     bb_params = unfreeze_last_blocks(bb.module, ft.blocks)
     pre = bb.preprocessor()
     head, rec = load_head(run)
-    loss = build_loss(cfg.loss, len(data.classes), int(rec["embedding_dim"]), data.class_counts())
+    loss = build_loss(cfg.loss, len(data.classes), int(rec.embedding_dim), data.class_counts())
     dev = _resolve_device(cfg.device, 0)
     ck = torch.load(run / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     loss.load_state_dict({k[len("loss.") :]: v for k, v in ck["model"].items() if k.startswith("loss.")})
@@ -290,13 +291,12 @@ def finetune(cfg: TrainConfig, run: Path, data: TrainData, console: Any) -> dict
                 f"{record['val']['mP@5']:.4f} (fine-tuned) on {len(vrows)} val images"
             )
 
-    new_rec = dict(
+    dataclasses.replace(
         rec,
         state_dict={k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
         backbone_state=BACKBONE_STATE_FILE,
         finetune=record,
-    )
-    atomic_save(new_rec, run / HEAD_FILE)
+    ).save(run / HEAD_FILE)
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"kind": "finetune", **record}) + "\n")
     summ = run / "summary.json"

@@ -34,12 +34,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from uniembed.core.run_record import HEAD_FILE, HeadRecord
 from uniembed.models.heads import build_head, head_config, init_head_from_features, pca_fit
 from uniembed.models.losses import EmbeddingLoss, build_loss
 from uniembed.train.config import TrainConfig
 from uniembed.train.data import TrainData, epoch_order, nearest_rows, prepare_data
 
-HEAD_FILE = "head.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
 #: Config keys that may differ between a checkpoint and a resumed run.
 RESUMABLE_CHANGES = {"epochs", "progress", "out", "finetune", "val_every", "select", "device"}
@@ -160,7 +160,7 @@ def embed(head: nn.Module, feats: torch.Tensor, batch: int = 8192) -> torch.Tens
 
 def score(emb: torch.Tensor | np.ndarray, names: np.ndarray, domains: np.ndarray) -> dict[str, Any]:
     """GUIE mP@5 (leave-one-out) over all held-out images, plus per query domain."""
-    from uniembed.eval.metrics import per_domain_mp5, retrieval_metrics
+    from uniembed.core.metrics import per_domain_mp5, retrieval_metrics
 
     _, lab = np.unique(np.asarray(names, dtype=str), return_inverse=True)
     res = retrieval_metrics(np.asarray(emb, dtype=np.float32), lab)
@@ -323,37 +323,30 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def head_record(cfg_head: dict, head: nn.Module, data: TrainData, extra: dict | None = None) -> dict:
-    """The ``head.pt`` dict (docs/design.md): everything export needs to rebuild the embedder."""
+def head_record(
+    cfg_head: dict, head: nn.Module, data: TrainData, selected_epoch: int | None = None
+) -> HeadRecord:
+    """The run record (``head.pt``, docs/design.md): everything export needs to rebuild the embedder."""
     info = data.info
-    rec = {
-        "head_config": cfg_head,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
-        "backbone": info.get("backbone"),
-        "pooling": info.get("pooling", "avg"),
-        "preprocess": info.get("preprocess"),
-        "fingerprint": info.get("fingerprint"),
-        "weights_hash": info.get("weights_hash"),
-        "feature_dir": data.feature_dirs[0] if len(data.feature_dirs) == 1 else list(data.feature_dirs),
-        "embedding_dim": int(cfg_head["out_dim"]),
-        # Set by the fine-tune stage: file (relative to the run dir) with the backbone module's state_dict.
-        "backbone_state": None,
-    }
-    rec.update(extra or {})
-    return rec
+    return HeadRecord(
+        head_config=cfg_head,
+        state_dict={k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
+        backbone=info.get("backbone"),
+        pooling=info.get("pooling", "avg"),
+        preprocess=info.get("preprocess"),
+        fingerprint=info.get("fingerprint"),
+        weights_hash=info.get("weights_hash"),
+        feature_dir=data.feature_dirs[0] if len(data.feature_dirs) == 1 else list(data.feature_dirs),
+        embedding_dim=int(cfg_head["out_dim"]),
+        selected_epoch=selected_epoch,
+    )
 
 
-def load_head(run_dir: str | Path) -> tuple[nn.Module, dict]:
-    """``(head in eval mode, head.pt dict)`` from a run dir (or a head.pt path)."""
-    p = Path(run_dir)
-    p = p / HEAD_FILE if p.is_dir() else p
-    if not p.exists():
-        raise FileNotFoundError(f"{p} not found (is {run_dir} a finished `uniembed train` run?)")
-    rec = torch.load(p, map_location="cpu", weights_only=True)
-    if not isinstance(rec, dict) or "head_config" not in rec or "state_dict" not in rec:
-        raise ValueError(f"{p} is not a head.pt written by `uniembed train`")
-    head = build_head(rec["head_config"])
-    head.load_state_dict(rec["state_dict"])
+def load_head(run_dir: str | Path) -> tuple[nn.Module, HeadRecord]:
+    """``(head in eval mode, run record)`` from a run dir (or a head.pt path)."""
+    rec = HeadRecord.load(run_dir)
+    head = build_head(rec.head_config)
+    head.load_state_dict(rec.state_dict)
     return head.eval(), rec
 
 
@@ -681,7 +674,7 @@ def _train(
                     "world": di.world,
                 }
                 atomic_save(ck, run / CHECKPOINT_FILE)
-                atomic_save(head_record(hcfg, head, data), run / HEAD_FILE)
+                head_record(hcfg, head, data).save(run / HEAD_FILE)
                 _write_metrics(run, base, history, meta)
                 v = rec.get("val", {})
                 console.print(
@@ -703,8 +696,8 @@ def _train(
         if cfg.select == "best" and best is not None:
             final_head = build_head(hcfg)
             final_head.load_state_dict(best["state_dict"])
-        extra = {"selected_epoch": best["epoch"] if cfg.select == "best" and best else last}
-        atomic_save(head_record(hcfg, final_head, data, extra), run / HEAD_FILE)
+        selected = best["epoch"] if cfg.select == "best" and best else last
+        head_record(hcfg, final_head, data, selected).save(run / HEAD_FILE)
         final = next((h["val"] for h in reversed(history) if h.get("val")), None)
         if cfg.select == "best" and best is not None:
             final = next(h["val"] for h in history if h["epoch"] == best["epoch"] and h.get("val"))
