@@ -23,7 +23,7 @@ import httpx
 
 from uniembed.core.paths import shared_data_dir
 from uniembed.data.sources import write_labels_csv
-from uniembed.serve.background import CHROMIUM_ARGS, ServerProcess, find_chromium
+from uniembed_lab.scaffold.background import CHROMIUM_ARGS, ServerProcess, find_chromium
 
 
 def split_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:

@@ -5,7 +5,7 @@ Usage::
 
     python scripts/check_universality.py artifacts/model      # reads artifacts/model/report.json
 
-Exit status 0 only if all three checks pass (see ``uniembed.eval.universality``).
+Exit status 0 only if all three checks pass (see ``uniembed_lab.universality``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from uniembed.eval.universality import check_model_dir
+from uniembed_lab.universality import check_model_dir
 
 
 def main() -> int:

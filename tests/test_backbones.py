@@ -14,10 +14,9 @@ from uniembed.models import create_backbone, list_backbones
 from uniembed.models.backbones import (
     _load_onto,
     efficientnet_lite_weights_path,
-    imagenet_class_names,
-    imagenet_logits,
     mobilenetv2_weights_path,
 )
+from uniembed_lab.imagenet import imagenet_class_names, imagenet_logits
 
 OFFLINE = {
     "mobilenetv2": 224,

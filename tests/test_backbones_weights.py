@@ -32,7 +32,7 @@ def test_efficientnet_lite2_imagenet_classifier_recognises_produce(shared_data: 
     from torchvision.transforms.functional import pil_to_tensor
 
     from uniembed.data.images import load_image
-    from uniembed.models.backbones import imagenet_class_names, imagenet_logits
+    from uniembed_lab.imagenet import imagenet_class_names, imagenet_logits
 
     names = imagenet_class_names()
     bb = create_backbone("efficientnet_lite2")

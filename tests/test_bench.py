@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from uniembed.bench.common import BenchConfig, ProgressFile
-from uniembed.bench.runner import MEASURES, BenchError, fmt, resolve_names
-from uniembed.bench.search import clustered_sphere, compare_topk, numpy_knn, recall_at_k, uniform_sphere
+from uniembed_lab.bench.common import BenchConfig, ProgressFile
+from uniembed_lab.bench.runner import MEASURES, BenchError, fmt, resolve_names
+from uniembed_lab.bench.search import clustered_sphere, compare_topk, numpy_knn, recall_at_k, uniform_sphere
 
 RATIO_RE = re.compile(r"^RATIO (\S+) (\S+) (\S+) (\S+)$")
 NUM_RE = re.compile(r"^-?\d+(\.\d+)?$")
@@ -119,7 +119,7 @@ def test_config_roundtrip_and_quick_sizes(tmp_path: Path) -> None:
 
 
 def test_select_images_without_photos_is_a_clear_error(tmp_path: Path) -> None:
-    from uniembed.bench.extract import BenchDataError, select_images
+    from uniembed_lab.bench.extract import BenchDataError, select_images
 
     with pytest.raises(BenchDataError, match="neither"):
         select_images(BenchConfig.make(True, out=tmp_path, data_dir=tmp_path, threads=1))
@@ -133,7 +133,7 @@ def test_progress_file(tmp_path: Path) -> None:
 
 @pytest.mark.shared_data
 def test_select_images_mix_is_fixed(shared_data: Path, tmp_path: Path) -> None:
-    from uniembed.bench.extract import select_images
+    from uniembed_lab.bench.extract import select_images
 
     cfg = BenchConfig.make(False, out=tmp_path, data_dir=shared_data, n_images=50, threads=1)
     rows = select_images(cfg)
@@ -199,7 +199,7 @@ def test_bench_quick_extract_and_head_cli(shared_data: Path, tmp_path: Path) -> 
 @pytest.mark.shared_data
 def test_extract_profile_in_process(shared_data: Path, tmp_path: Path) -> None:
     """Every stage of the profile is timed and positive (8 images, in this process)."""
-    from uniembed.bench.extract import extract_profile
+    from uniembed_lab.bench.extract import extract_profile
 
     cfg = BenchConfig.make(True, out=tmp_path, data_dir=shared_data, n_images=8, threads=1)
     cfg.profile_images = 8

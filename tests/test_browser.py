@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from uniembed.core.paths import repo_root
-from uniembed.serve.background import CHROMIUM_ARGS, ServerProcess, find_chromium
 from uniembed.serve.index import build_index
-from uniembed.serve.tiny_model import make_tiny_model
+from uniembed_lab.scaffold.background import CHROMIUM_ARGS, ServerProcess, find_chromium
+from uniembed_lab.scaffold.tiny_model import make_tiny_model
 
 CHROMIUM = find_chromium()
 

@@ -10,7 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from uniembed.cli import app
-from uniembed.pipeline import mp5_table, subset_labels_csv
+from uniembed_lab.pipeline import mp5_table, subset_labels_csv
 
 EXPECTED = [
     "prepare",

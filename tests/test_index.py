@@ -24,7 +24,7 @@ from uniembed.serve.index import (
     default_params,
     make_faiss_index,
 )
-from uniembed.serve.tiny_model import make_synthetic_images, make_tiny_model
+from uniembed_lab.scaffold.tiny_model import make_synthetic_images, make_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ from uniembed.serve.index import (
     build_index,
     open_index_and_model,
 )
-from uniembed.serve.tiny_model import make_synthetic_images, make_tiny_model
+from uniembed_lab.scaffold.tiny_model import make_synthetic_images, make_tiny_model
 
 FEATURE_DIM = 16 * 4 + 3 * 4
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from uniembed.core.paths import repo_root, shared_data_dir
-from uniembed.serve.background import ServerProcess
 from uniembed.serve.index import build_index
-from uniembed.serve.tiny_model import make_synthetic_images, make_tiny_model
+from uniembed_lab.scaffold.background import ServerProcess
+from uniembed_lab.scaffold.tiny_model import make_synthetic_images, make_tiny_model
 
 REQUESTS = 500
 CLIENTS = 8

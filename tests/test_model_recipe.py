@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uniembed.core.paths import repo_root
+from uniembed.configs import config_path
 from uniembed.models.losses import SimilarityDistillLoss, build_loss, loss_config
 from uniembed.train import TrainConfig
 
 
 def test_model_yaml_is_a_valid_training_config() -> None:
-    cfg = TrainConfig.from_yaml(repo_root() / "configs" / "model.yaml")
+    cfg = TrainConfig.from_yaml(config_path("model"))
     cfg.features = ["unused"]
     cfg.validate()
     loss = loss_config(cfg.loss)

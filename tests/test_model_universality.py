@@ -22,10 +22,10 @@ import torch
 import yaml
 from rich.console import Console
 
-from uniembed.core.paths import repo_root
+from uniembed.configs import config_path
 from uniembed.data.sources import write_labels_csv
-from uniembed.eval.universality import check_model_dir
-from uniembed.pipeline import build_model
+from uniembed_lab.pipeline import build_model
+from uniembed_lab.universality import check_model_dir
 
 pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
 
@@ -49,7 +49,7 @@ def model_dir(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
             per_label[(r["domain"], r["label"])] = per_label.get((r["domain"], r["label"]), 0) + 1
             keep.append({**r, "path": str(csv_path.parent / r["path"])})
         write_labels_csv(root / "data" / csv_path.parent.name / "labels.csv", keep)
-    cfg = yaml.safe_load((repo_root() / "configs" / "model.yaml").read_text())
+    cfg = yaml.safe_load((config_path("model")).read_text())
     cfg["epochs"] = 3
     cfg["batch_size"] = 32
     (root / "model.yaml").write_text(yaml.safe_dump(cfg))

@@ -19,7 +19,7 @@ from uniembed.cli import app as cli_app
 from uniembed.export.embedder import file_fingerprint, load_embedder
 from uniembed.serve.app import create_app, sniff_image_type
 from uniembed.serve.index import ModelMismatchError, build_index
-from uniembed.serve.tiny_model import make_synthetic_images, make_tiny_model
+from uniembed_lab.scaffold.tiny_model import make_synthetic_images, make_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from uniembed.cli import app
+from uniembed.configs import config_path
 from uniembed.core.splits import heldout_photos, split_labels
 from uniembed.features.store import load_feature_set
 from uniembed.train import TrainConfig, load_head, train
@@ -19,8 +20,8 @@ from uniembed.train.data import epoch_order, prepare_data
 from uniembed.train.synthetic import write_synthetic_features
 
 REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "configs" / "smoke.yaml"
-DEFAULT = REPO / "configs" / "default.yaml"
+SMOKE = config_path("smoke")
+DEFAULT = config_path("default")
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from uniembed.configs import config_path
 from uniembed.train import TrainConfig, train
 from uniembed.train.synthetic import write_synthetic_features
 
 REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "configs" / "smoke.yaml"
+SMOKE = config_path("smoke")
 SETS = ["batch_size=25", "loss.distill_weight=2.0", "head.dropout=0.0", "head.batchnorm=false"]
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from uniembed.configs import config_path
 from uniembed.train import TrainConfig, load_head, train
 from uniembed.train.finetune import backbone_blocks, unfreeze_last_blocks
 
@@ -41,7 +42,7 @@ def test_unfreeze_last_blocks_of_mobilenetv2() -> None:
 def test_finetune_stage_saves_backbone_and_updates_head(small_features: Path, tmp_path: Path) -> None:
     from uniembed.models.registry import create_backbone
 
-    cfg = TrainConfig.from_yaml(REPO / "configs" / "smoke.yaml").with_overrides(
+    cfg = TrainConfig.from_yaml(config_path("smoke")).with_overrides(
         [
             "epochs=2",
             "finetune.enabled=true",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from uniembed.core.paths import repo_root
-from uniembed.eval.universality import check_model_dir, universality_checks
+from uniembed_lab.universality import check_model_dir, universality_checks
 
 
 def _report(head_lodo, raw_cnn, pca_cnn, unseen_head) -> dict:

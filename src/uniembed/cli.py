@@ -26,8 +26,8 @@ _COMMAND_MODULES = [
     "uniembed.eval.commands",  # evaluate
     "uniembed.export.commands",  # export
     "uniembed.serve.commands",  # index, search, serve
-    "uniembed.demo",  # demo
-    "uniembed.bench.commands",  # bench
+    "uniembed_lab.commands",  # demo
+    "uniembed_lab.bench.commands",  # bench
 ]
 
 for _mod in _COMMAND_MODULES:

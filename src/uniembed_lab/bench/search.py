@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uniembed.bench.common import BenchConfig, ProgressFile
+from uniembed_lab.bench.common import BenchConfig, ProgressFile
 
 
 def _l2n(x: np.ndarray) -> np.ndarray:

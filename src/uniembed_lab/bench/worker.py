@@ -1,4 +1,4 @@
-"""One side of one measure, in its own process (``python -m uniembed.bench.worker``).
+"""One side of one measure, in its own process (``python -m uniembed_lab.bench.worker``).
 
 A process per side gives each side its own peak RSS (ru_maxrss never goes down, so two sides sharing a
 process would share a peak) and the same clean start: no warm caches left by the other side.
@@ -15,7 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-from uniembed.bench.common import BenchConfig, ProgressFile, set_threads, write_json
+from uniembed_lab.bench.common import BenchConfig, ProgressFile, set_threads, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         write_json(a.result, {"error": f"{type(e).__name__}: {e}"})
         return 1
-    from uniembed.bench.sysinfo import machine_info
+    from uniembed_lab.bench.sysinfo import machine_info
 
     res["side_seconds"] = time.perf_counter() - t0
     res["self_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from uniembed.bench.common import BenchConfig, ProgressFile
 from uniembed.data.sources import write_labels_csv
+from uniembed_lab.bench.common import BenchConfig, ProgressFile
 
 
 class BenchDataError(RuntimeError):
@@ -146,10 +146,10 @@ def extract_project(cfg: BenchConfig, progress: ProgressFile) -> dict:
     feature cache), is reported beside it: it pays a decode/resize/re-encode pass once per dataset, which
     other backbones, fine-tuning and the index then reuse. The one-time ONNX export of the backbone (cached
     per machine) is done before the clock starts and reported apart."""
-    from uniembed.bench.sysinfo import peak_rss_since_reset_mb, reset_peak_rss
     from uniembed.data.prepare import prepare
     from uniembed.features import extract as ext
     from uniembed.models.registry import create_backbone
+    from uniembed_lab.bench.sysinfo import peak_rss_since_reset_mb, reset_peak_rss
 
     rows = select_images(cfg)
     csv_path = write_subset_csv(cfg, rows)

@@ -51,8 +51,8 @@ def register(app: typer.Typer) -> None:
 
         from rich.console import Console
 
-        from uniembed.bench.common import BenchConfig
-        from uniembed.bench.runner import BenchError, print_report, resolve_names, run_bench
+        from uniembed_lab.bench.common import BenchConfig
+        from uniembed_lab.bench.runner import BenchError, print_report, resolve_names, run_bench
 
         console = Console(stderr=True)
         if not console.is_terminal:  # logs and CI: wide enough that the tables do not wrap

@@ -1,4 +1,6 @@
-"""`uniembed demo` and `uniembed model`: the end-to-end jobs (see uniembed.pipeline)."""
+"""The lab's commands: `uniembed demo`, `uniembed model` (the end-to-end jobs in uniembed_lab.pipeline) and
+`uniembed bench`. They reach the `uniembed` command line through the ``uniembed.commands`` entry point group,
+so the library never imports the lab."""
 
 from __future__ import annotations
 
@@ -8,6 +10,9 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``demo``, ``model`` and ``bench`` (the entry point ``uniembed.commands: lab``)."""
+    from uniembed_lab.bench.commands import register as register_bench
+
     @app.command("demo")
     def demo(
         data: Path | None = typer.Option(
@@ -25,7 +30,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run prepare -> extract -> train -> evaluate -> export -> index -> search on a small real subset
         and print the mP@5 table (a few minutes on a laptop CPU)."""
-        from uniembed.pipeline import run_demo
+        from uniembed_lab.pipeline import run_demo
 
         _friendly(lambda: run_demo(data, out, quick=not full))
 
@@ -34,8 +39,8 @@ def register(app: typer.Typer) -> None:
         data: Path | None = typer.Option(
             None, "--data", help="Folder with labels.csv file(s); default as demo."
         ),
-        config: Path | None = typer.Option(
-            None, "--config", help="Training recipe (YAML). Default: configs/model.yaml of the checkout."
+        config: str = typer.Option(
+            "model", "--config", help="Training recipe: a YAML file or a shipped config name."
         ),
         out: Path = typer.Option(
             Path("artifacts/model"),
@@ -57,10 +62,13 @@ def register(app: typer.Typer) -> None:
         """The project's recipe on every shared domain (`make model`): leave-one-domain-out on a merged
         index first, then the model trained on every label, exported to artifacts/model/saved_model.pt,
         model.onnx, model_card.md, report.md."""
-        from uniembed.pipeline import build_model, config_path
+        from uniembed.configs import config_path
+        from uniembed_lab.pipeline import build_model
 
-        _friendly(lambda: build_model(data, out, config or config_path("model.yaml"), work, lodo=lodo))
+        _friendly(lambda: build_model(data, out, config_path(config), work, lodo=lodo))
 
+
+    register_bench(app)
 
 def _friendly(fn) -> None:
     """Known input errors end with one clear line instead of a stack trace."""

@@ -54,7 +54,7 @@ class BenchConfig:
             cfg.exact_n, cfg.exact_queries = 20_000, 300
             cfg.ann_n, cfg.ann_queries, cfg.ann_nlist, cfg.ann_clusters = 50_000, 200, 64, 500
         if not cfg.threads:
-            from uniembed.bench.sysinfo import cpu_count
+            from uniembed_lab.bench.sysinfo import cpu_count
 
             cfg.threads = cpu_count()
         return cfg

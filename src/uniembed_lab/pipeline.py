@@ -18,7 +18,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from uniembed.core.paths import repo_root
+from uniembed.configs import config_path
 from uniembed.data.sources import write_labels_csv
 
 METHOD_LABELS = {
@@ -52,14 +52,6 @@ class StepTimer:
         self.times[name] = time.perf_counter() - t0
         self.console.print(f"[dim]{name}: {self.times[name]:.1f} s[/dim]")
         return out
-
-
-def config_path(name: str) -> Path:
-    """A config shipped in the checkout's ``configs/`` folder."""
-    p = repo_root() / "configs" / name
-    if not p.exists():
-        raise FileNotFoundError(f"config {p} not found (run from a checkout of uniembed)")
-    return p
 
 
 def subset_labels_csv(
@@ -336,7 +328,7 @@ def build_model(
         )
     _write_report_md(report, out / "report.md")
     if lodo:
-        from uniembed.eval.universality import universality_checks
+        from uniembed_lab.universality import universality_checks
 
         for c in universality_checks(report):
             mark = "[green]PASS[/green]" if c.passed else "[red]FAIL[/red]"
@@ -424,7 +416,7 @@ def _write_report_md(report: dict, path: Path) -> None:
     lines.append("\n## Which run is which\n")
     lines += [f"- {k}: {v}" for k, v in report.get("runs", {}).items()]
     if "leave_one_domain_out" in report:
-        from uniembed.eval.universality import universality_checks
+        from uniembed_lab.universality import universality_checks
 
         lines.append("\n## Universality checks (`scripts/check_universality.py <this dir>`)\n")
         lines.append("![mP@5 per domain and method](universality.png)\n")

@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from uniembed.bench.common import BenchConfig, write_json
-from uniembed.bench.sysinfo import tree_rss_mb
+from uniembed_lab.bench.common import BenchConfig, write_json
+from uniembed_lab.bench.sysinfo import tree_rss_mb
 
 
 @dataclass
@@ -51,7 +51,7 @@ def _head_goal(r: dict) -> bool:
 
 
 def _exact_check(cfg: BenchConfig, r: dict) -> dict:
-    from uniembed.bench.search import compare_topk
+    from uniembed_lab.bench.search import compare_topk
 
     return {"top_k_agreement": compare_topk(cfg.work_dir)}
 
@@ -71,7 +71,7 @@ def _ann_goal(r: dict) -> bool:
     return rec >= c["goal"]
 
 
-M = "uniembed.bench"
+M = "uniembed_lab.bench"
 MEASURES: dict[str, Measure] = {
     m.name: m
     for m in [
@@ -159,7 +159,7 @@ def _run_side(cfg: BenchConfig, name: str, side: str, fn: str, progress: Progres
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(cfg.threads)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    cmd = [sys.executable, "-m", "uniembed.bench.worker", "--fn", fn, "--config", str(cfg_path)]
+    cmd = [sys.executable, "-m", "uniembed_lab.bench.worker", "--fn", fn, "--config", str(cfg_path)]
     cmd += ["--result", str(res_path), "--progress", str(prog_path)]
     timeout = cfg.extra.get("timeout_s") or MEASURES[name].timeout_s["quick" if cfg.quick else "full"]
     task = progress.add_task(f"{name} · {side}", total=None, rss="")
@@ -224,7 +224,7 @@ def _run_side(cfg: BenchConfig, name: str, side: str, fn: str, progress: Progres
 
 def run_bench(cfg: BenchConfig, names: list[str], console: Console | None = None) -> dict[str, dict]:
     """Run the named measures; write their JSON files; return {name: result}."""
-    from uniembed.bench.sysinfo import machine_info
+    from uniembed_lab.bench.sysinfo import machine_info
 
     console = console or Console(stderr=True)
     out = Path(cfg.out)

@@ -13,8 +13,8 @@ import json
 import statistics
 import time
 
-from uniembed.bench.common import BenchConfig, ProgressFile, write_json
-from uniembed.bench.extract import select_images, write_subset_csv
+from uniembed_lab.bench.common import BenchConfig, ProgressFile, write_json
+from uniembed_lab.bench.extract import select_images, write_subset_csv
 
 
 def _feature_dir(cfg: BenchConfig, progress: ProgressFile):

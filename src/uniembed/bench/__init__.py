@@ -1,1 +1,0 @@
-"""uniembed.bench"""

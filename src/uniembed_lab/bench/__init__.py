@@ -1,0 +1,1 @@
+"""uniembed_lab.bench"""
