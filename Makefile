@@ -5,7 +5,7 @@ UE     := $(VENV)/bin/uniembed
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test lint demo model bench clean
+.PHONY: install system-deps test test-fast lint demo model bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,10 +24,15 @@ system-deps:
 	  else echo "WARNING: chromium missing and not root; browser tests will skip"; fi; }
 
 lint: install
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests scripts
+	$(VENV)/bin/lint-imports
 
 test: install system-deps lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Everything but the tests marked slow (the model protocol, DDP, the wheel, the browser...): minutes, not ten.
+test-fast: install lint
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: install
 	$(UE) demo

@@ -1,14 +1,20 @@
-"""Shared fixtures: the real photo sets beside the checkout, skipped with a clear reason when absent."""
+"""Shared fixtures: the real photo sets beside the checkout, skipped with a clear reason when absent.
+
+Tests live in one folder per stage (tests/data, tests/train, ...), like src/uniembed; shared test helpers
+(run_dirs.py) stay here at the top, which is put on sys.path for them."""
 
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import pytest
 
 from uniembed.core.paths import shared_data_dir
 from uniembed.data.sources import write_labels_csv
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SHARED = shared_data_dir()
 NO_SHARED = "../shared/data (real photos) not found beside the checkout; set UNIEMBED_SHARED_DATA to run"

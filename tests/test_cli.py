@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,23 @@ def test_help_documents_every_option(name: str) -> None:
         if p.name == "help":
             continue
         assert (getattr(p, "help", None) or "").strip(), f"`uniembed {name}`: parameter {p.name} has no help"
+
+
+def test_lab_commands_come_from_the_entry_point() -> None:
+    """demo, model and bench are the lab's: `uniembed --help` lists them through the ``uniembed.commands``
+    entry point (pyproject.toml), and the shipped recipe they train resolves after installation."""
+    from importlib.metadata import entry_points
+
+    from uniembed.configs import config_path
+
+    lab = {ep.name: ep.value for ep in entry_points(group="uniembed.commands")}
+    assert lab.get("lab") == "uniembed_lab.commands:register"
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0, result.output
+    for name in ("demo", "model", "bench"):  # a command's row: its name first, after the box's border
+        assert re.search(rf"^\W*{name}\s", result.output, re.M), result.output
+    recipe = config_path("model")
+    assert recipe.is_file() and recipe.name == "model.yaml"
 
 
 def test_subset_is_domain_balanced_and_deterministic(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ happen inside the commands so ``uniembed --help`` stays fast.
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import entry_points
 
 import typer
 
@@ -26,12 +27,15 @@ _COMMAND_MODULES = [
     "uniembed.eval.commands",  # evaluate
     "uniembed.export.commands",  # export
     "uniembed.serve.commands",  # index, search, serve
-    "uniembed_lab.commands",  # demo
-    "uniembed_lab.bench.commands",  # bench
 ]
+#: Other installed packages add commands through this entry point group: ``register(app)`` callables. The lab
+#: (``uniembed_lab``: demo, model, bench) is one; the library itself never imports it.
+COMMAND_ENTRY_POINTS = "uniembed.commands"
 
 for _mod in _COMMAND_MODULES:
     importlib.import_module(_mod).register(app)
+for _ep in sorted(entry_points(group=COMMAND_ENTRY_POINTS), key=lambda e: e.name):
+    _ep.load()(app)
 
 
 def main() -> None:

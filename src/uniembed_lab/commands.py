@@ -1,9 +1,10 @@
 """The lab's commands: `uniembed demo`, `uniembed model` (the end-to-end jobs in uniembed_lab.pipeline) and
-`uniembed bench`. They reach the `uniembed` command line through the ``uniembed.commands`` entry point group,
-so the library never imports the lab."""
+`uniembed bench` (uniembed_lab.bench). They reach the `uniembed` command line through the
+``uniembed.commands`` entry point group, so the library never imports the lab."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -30,9 +31,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run prepare -> extract -> train -> evaluate -> export -> index -> search on a small real subset
         and print the mP@5 table (a few minutes on a laptop CPU)."""
-        from uniembed_lab.pipeline import run_demo
-
-        _friendly(lambda: run_demo(data, out, quick=not full))
+        _friendly(lambda: demo_command(data, out, full))
 
     @app.command("model")
     def model(
@@ -62,15 +61,27 @@ def register(app: typer.Typer) -> None:
         """The project's recipe on every shared domain (`make model`): leave-one-domain-out on a merged
         index first, then the model trained on every label, exported to artifacts/model/saved_model.pt,
         model.onnx, model_card.md, report.md."""
-        from uniembed.configs import config_path
-        from uniembed_lab.pipeline import build_model
-
-        _friendly(lambda: build_model(data, out, config_path(config), work, lodo=lodo))
-
+        _friendly(lambda: model_command(data, config, out, work, lodo))
 
     register_bench(app)
 
-def _friendly(fn) -> None:
+
+def demo_command(data: Path | None, out: Path, full: bool) -> dict:
+    """`uniembed demo`: the quick subset unless ``full``."""
+    from uniembed_lab.pipeline import run_demo
+
+    return run_demo(data, out, quick=not full)
+
+
+def model_command(data: Path | None, config: str, out: Path, work: Path, lodo: bool) -> dict:
+    """`uniembed model`: ``config`` is a YAML path or a shipped config name."""
+    from uniembed.configs import config_path
+    from uniembed_lab.pipeline import build_model
+
+    return build_model(data, out, config_path(config), work, lodo=lodo)
+
+
+def _friendly(fn: Callable[[], object]) -> None:
     """Known input errors end with one clear line instead of a stack trace."""
     from rich.console import Console
 

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -21,11 +20,12 @@ import socket
 import threading
 import zipfile
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
-from uniembed.core.fsutil import building_dir, sha256_file
+from uniembed.core.fsutil import atomic_path, building_dir, sha256_file
 from uniembed.core.paths import cache_dir, shared_data_dir
-from uniembed.data.sources import DataError
+from uniembed.data.sources import LABELS_CSV_FIELDS, DataError, write_labels_csv
 
 GROCERY_COMMIT = "fc80ba90f803d79d0383df52c5a4ac5de99ff6fc"
 GROCERY_URL = f"https://github.com/marcusklasson/GroceryStoreDataset/archive/{GROCERY_COMMIT}.zip"
@@ -207,9 +207,7 @@ def download_grocery(folder: Path, url: str = GROCERY_URL, timeout: float = 4.0,
     trust-on-first-use: the first complete download records its checksum in ``archive.zip.sha256`` and every
     later download or load of the archive must match it.
     """
-    import requests
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     console = console or Console(stderr=True)
     folder.mkdir(parents=True, exist_ok=True)
@@ -218,37 +216,13 @@ def download_grocery(folder: Path, url: str = GROCERY_URL, timeout: float = 4.0,
     if not archive.is_file():
         if not _host_resolves(url, timeout):
             raise DownloadError(f"cannot resolve {urlparse(url).hostname} (offline?)")
-        part = folder / "archive.zip.part"
-        h = hashlib.sha256()
-        try:
-            with requests.get(url, stream=True, timeout=(timeout, 60)) as r:
-                r.raise_for_status()
-                total = int(r.headers.get("content-length") or 0) or None
-                with (
-                    open(part, "wb") as f,
-                    Progress(
-                        TextColumn("[bold]Downloading Grocery Store Dataset"),
-                        BarColumn(),
-                        DownloadColumn(),
-                        TransferSpeedColumn(),
-                        console=console,
-                    ) as bar,
-                ):
-                    task = bar.add_task("download", total=total)
-                    for block in r.iter_content(chunk_size=1 << 20):
-                        f.write(block)
-                        h.update(block)
-                        bar.advance(task, len(block))
-        except requests.RequestException as e:
-            part.unlink(missing_ok=True)
-            raise DownloadError(f"{url}: {type(e).__name__}: {str(e)[:160]}") from e
-        digest = h.hexdigest()
-        if sidecar.is_file() and sidecar.read_text().split()[0] != digest:
-            part.unlink(missing_ok=True)
-            raise DownloadError(
-                f"checksum mismatch for {url}: got {digest}, expected {sidecar.read_text().split()[0]}"
-            )
-        os.replace(part, archive)
+        # A failed or mismatching download leaves nothing behind: the archive appears whole or not at all.
+        with atomic_path(archive) as part:
+            digest = _stream_to(url, part, timeout, console)
+            if sidecar.is_file() and sidecar.read_text().split()[0] != digest:
+                raise DownloadError(
+                    f"checksum mismatch for {url}: got {digest}, expected {sidecar.read_text().split()[0]}"
+                )
         if not sidecar.is_file():
             sidecar.write_text(f"{digest}  archive.zip\n")
     else:
@@ -277,6 +251,37 @@ def download_grocery(folder: Path, url: str = GROCERY_URL, timeout: float = 4.0,
     return folder / "labels.csv"
 
 
+def _stream_to(url: str, path: Path, timeout: float, console: Any) -> str:
+    """Download ``url`` into ``path`` with a progress bar; returns the bytes' SHA-256 (DownloadError on any
+    HTTP or connection problem)."""
+    import requests
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    h = hashlib.sha256()
+    try:
+        with requests.get(url, stream=True, timeout=(timeout, 60)) as r:
+            r.raise_for_status()
+            total = int(r.headers.get("content-length") or 0) or None
+            with (
+                open(path, "wb") as f,
+                Progress(
+                    TextColumn("[bold]Downloading Grocery Store Dataset"),
+                    BarColumn(),
+                    DownloadColumn(),
+                    TransferSpeedColumn(),
+                    console=console,
+                ) as bar,
+            ):
+                task = bar.add_task("download", total=total)
+                for block in r.iter_content(chunk_size=1 << 20):
+                    f.write(block)
+                    h.update(block)
+                    bar.advance(task, len(block))
+    except requests.RequestException as e:
+        raise DownloadError(f"{url}: {type(e).__name__}: {str(e)[:160]}") from e
+    return h.hexdigest()
+
+
 _GROCERY_DOMAINS = {"Packages": "packaged_goods", "Fruit": "produce", "Vegetables": "produce"}
 _GROCERY_SPLITS = {"train", "val", "test", "iconic-images-and-descriptions"}
 
@@ -300,11 +305,9 @@ def write_grocery_labels(extract_root: Path, csv_path: Path) -> int:
     counts: dict[str, int] = {}
     for _, label, _ in rows:
         counts[label] = counts.get(label, 0) + 1
-    with open(csv_path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "domain"])
-        w.writerows(r for r in rows if counts[r[1]] >= 2)
-    return sum(1 for r in rows if counts[r[1]] >= 2)
+    kept = [{"path": p, "label": lab, "domain": dom} for p, lab, dom in rows if counts[lab] >= 2]
+    write_labels_csv(csv_path, kept)
+    return len(kept)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -386,9 +389,6 @@ def build_smoke_set(out_dir: Path, views: int = 6, seed: int = 0, console=None) 
                 rel = f"images/{label}_{v}.jpg"
                 (tmp / rel).write_bytes(make_view(im, rng))
                 rows.append((rel, f"smoke:{label}", domain))
-        with open(tmp / "labels.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "label", "domain"])
-            w.writerows(rows)
+        write_labels_csv(tmp / "labels.csv", [dict(zip(LABELS_CSV_FIELDS, r, strict=True)) for r in rows])
         (tmp / ".complete").write_text(json.dumps({"views": views, "seed": seed, "images": len(rows)}))
     return csv_path

@@ -15,110 +15,55 @@ Order of work, and why:
    a finished one.
 
 A second call with the same inputs (paths, sizes, mtimes) and options returns the existing manifest at once.
+
+Steps 1-2 live in ``select.py`` and step 3 in ``decode.py``; this module runs the steps, assigns labels and
+writes the shards and the manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from uniembed.core.fsutil import building_dir, file_stamp
-from uniembed.data.images import (
-    DEFAULT_MAX_PIXELS,
-    RESIZE_MODES,
-    BadImageError,
-    encode_jpeg,
-    load_image,
-    resize_image,
+from uniembed.data.decode import (
+    JPEG_QUALITY,
+    Decoded,
+    decode_to_staging,
+    default_workers,
+    progress_bar,
 )
+from uniembed.data.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
+from uniembed.data.report import print_summary
+from uniembed.data.select import REASON_SMALL_CLASS, Selection, select_records
+from uniembed.data.shards import MANIFEST_NAME
 from uniembed.data.sources import DataError, Record, Source, parse_sources
 
-MANIFEST_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-SHARD_PATTERN = "shard-%06d.tar"
-JPEG_QUALITY = 95
+__all__ = [
+    "JPEG_QUALITY",
+    "MANIFEST_NAME",
+    "MANIFEST_VERSION",
+    "REASON_SMALL_CLASS",
+    "SHARD_PATTERN",
+    "EmptyDatasetError",
+    "default_workers",
+    "prepare",
+    "print_summary",
+]
 
-REASON_SMALL_CLASS = "class below min_per_class"
+MANIFEST_VERSION = 1
+SHARD_PATTERN = "shard-%06d.tar"
 
 
 class EmptyDatasetError(DataError):
     """Nothing survived decoding and filtering."""
-
-
-@dataclass
-class _Decoded:
-    record: Record
-    offset: int
-    length: int
-    width: int
-    height: int
-
-
-def _decode_job(job: tuple[int, str, str, int, int]) -> tuple[int, bytes | None, str, str, int, int]:
-    """Worker: decode, resize and re-encode one file. Returns (index, jpeg or None, reason, detail, w, h)."""
-    idx, path, resize, size, max_pixels = job
-    try:
-        draft = size if resize != "none" else None
-        im = resize_image(load_image(path, max_pixels=max_pixels, draft_size=draft), resize, size)
-        data = encode_jpeg(im, JPEG_QUALITY)
-        return idx, data, "", "", im.width, im.height
-    except BadImageError as e:
-        return idx, None, e.reason, e.detail[:200], 0, 0
-    except Exception as e:  # noqa: BLE001 - one pathological file must not kill a multi-hour job
-        return idx, None, "corrupt image", f"{type(e).__name__}: {e}"[:200], 0, 0
-
-
-def _iter_decoded(
-    jobs: list[tuple[int, str, str, int, int]], workers: int
-) -> Iterator[tuple[int, bytes | None, str, str, int, int]]:
-    """Decode in a spawn-context process pool (safe even when the caller has imported torch and its threads);
-    small jobs run in-process where pool start-up would cost more than it saves."""
-    if workers <= 1 or len(jobs) < 64:
-        for j in jobs:
-            yield _decode_job(j)
-        return
-    ctx = mp.get_context("spawn")
-    chunk = max(1, min(64, len(jobs) // (workers * 8)))
-    with ctx.Pool(workers) as pool:
-        yield from pool.imap(_decode_job, jobs, chunksize=chunk)
-
-
-def default_workers() -> int:
-    return max(1, min(os.cpu_count() or 1, 16))
-
-
-def _group_by_label(records: Iterable[Record]) -> dict[str, list[Record]]:
-    groups: dict[str, list[Record]] = defaultdict(list)
-    for r in records:
-        groups[r.label].append(r)
-    return groups
-
-
-def _cap_whole_classes(records: list[Record], cap: int, rng: random.Random) -> tuple[list[Record], int]:
-    """Keep whole classes, visited in seeded random order, while they fit under ``cap`` images."""
-    groups = _group_by_label(records)
-    labels = sorted(groups)
-    rng.shuffle(labels)
-    keep: set[str] = set()
-    total = 0
-    for lab in labels:
-        n = len(groups[lab])
-        if total + n <= cap:
-            keep.add(lab)
-            total += n
-        if total >= cap:
-            break
-    kept = [r for r in records if r.label in keep]
-    return kept, len(records) - len(kept)
 
 
 def _input_hash(sources: list[Source], records: list[Record], options: dict) -> str:
@@ -145,19 +90,6 @@ def _existing_manifest(out_dir: Path, input_hash: str) -> dict | None:
     if not all((out_dir / s).is_file() for s in manifest.get("shards", [])):
         return None
     return manifest
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
 
 
 def prepare(
@@ -209,40 +141,9 @@ def prepare(
     }
     srcs = parse_sources(list(sources), default_domain=default_domain)
     rng = random.Random(seed)
+    selection = select_records(srcs, min_per_class, cap_per_source, rng, console)
 
-    # 1-2. list, pre-filter impossible classes, cap whole classes per source.
-    skipped: list[dict] = []
-    selected: list[Record] = []
-    src_stats: dict[str, dict] = {}
-    label_owner: dict[str, str] = {}
-    with console.status("Listing sources..."):
-        for s in srcs:
-            recs = s.records()
-            for lab in {r.label for r in recs}:
-                other = label_owner.setdefault(lab, s.name)
-                if other != s.name:
-                    raise DataError(
-                        f"label {lab!r} occurs in sources {other!r} and {s.name!r}; labels must be unique "
-                        "across sources (give one of them prefix=... or name=...)"
-                    )
-            groups = _group_by_label(recs)
-            small = {lab for lab, rs in groups.items() if len(rs) < min_per_class}
-            for r in recs:
-                if r.label in small:
-                    skipped.append({"path": r.path, "reason": REASON_SMALL_CLASS, "source": s.name})
-            recs = [r for r in recs if r.label not in small]
-            n_capped = 0
-            if cap_per_source is not None and len(recs) > cap_per_source:
-                recs, n_capped = _cap_whole_classes(recs, int(cap_per_source), rng)
-            src_stats[s.name] = {"listed": sum(len(v) for v in groups.values()), "n_capped": n_capped}
-            selected.extend(recs)
-            console.print(
-                f"  source [bold]{s.name}[/] ({s.kind}, {s.root}): {src_stats[s.name]['listed']} listed"
-                + (f", {s.n_missing} listed but missing on disk" if s.n_missing else "")
-                + (f", {n_capped} over the cap" if n_capped else "")
-            )
-
-    input_hash = _input_hash(srcs, selected, options)
+    input_hash = _input_hash(srcs, selection.records, options)
     if not force:
         existing = _existing_manifest(out_dir, input_hash)
         if existing is not None:
@@ -254,9 +155,7 @@ def prepare(
     if out_dir.exists():  # refuse before the work, not after it
         _refuse_foreign_dir(out_dir)
     with building_dir(out_dir, check=_refuse_foreign_dir) as tmp:
-        manifest = _build(
-            srcs, selected, skipped, src_stats, tmp, options, input_hash, workers, progress, console, rng
-        )
+        manifest = _build(srcs, selection, tmp, options, input_hash, workers, progress, rng)
         manifest["build_seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
         from uniembed.data.report import write_report
@@ -276,65 +175,71 @@ def _refuse_foreign_dir(out_dir: Path) -> None:
 
 def _build(
     srcs: list[Source],
-    selected: list[Record],
-    skipped: list[dict],
-    src_stats: dict[str, dict],
+    selection: Selection,
     tmp: Path,
     options: dict,
     input_hash: str,
     workers: int,
     progress: bool,
-    console: Any,
     rng: random.Random,
 ) -> dict:
-    import webdataset as wds
-
-    # 3. decode into a staging file.
-    jobs = [
-        (i, r.path, options["resize"], options["size"], options["max_pixels"]) for i, r in enumerate(selected)
-    ]
-    decoded: list[_Decoded] = []
+    """Steps 3-5 inside the temporary folder ``tmp``; returns the manifest (without ``build_seconds``)."""
+    skipped = selection.skipped
     staging = tmp / "staging.bin"
-    offset = 0
-    with open(staging, "wb") as blob, _progress(progress) as bar:
-        task = bar.add_task(f"Decoding ({workers} workers)", total=len(jobs))
-        for idx, data, reason, detail, w, h in _iter_decoded(jobs, workers):
-            r = selected[idx]
-            if data is None:
-                entry = {"path": r.path, "reason": reason, "source": r.source}
-                if detail:
-                    entry["detail"] = detail
-                skipped.append(entry)
-            else:
-                blob.write(data)
-                decoded.append(_Decoded(r, offset, len(data), w, h))
-                offset += len(data)
-            bar.advance(task)
-    decoded.sort(key=lambda d: d.offset)  # imap preserves order already; this makes it explicit
+    decoded = decode_to_staging(selection.records, options, staging, workers, progress, skipped)
+    labels = _assign_labels(srcs, decoded, skipped, selection.src_stats, options["min_per_class"])
+    if not labels.kept:
+        reasons = Counter(e["reason"] for e in skipped)
+        raise EmptyDatasetError(
+            "no images left after decoding and filtering"
+            + (f" (skipped: {dict(reasons)})" if reasons else " (the sources list no images)")
+        )
+    # 5. deterministic shuffle, shards, content hash.
+    rng.shuffle(labels.kept)
+    tally = _write_shards(labels.kept, labels.label_id, staging, tmp, options, progress)
+    staging.unlink()
+    shards = sorted(p.name for p in tmp.glob("shard-*.tar"))
+    return _manifest(srcs, labels, tally, shards, options, input_hash, skipped)
 
-    # 4. post-decode class filter and label ids (per source: sorted names, contiguous ids from the offset).
-    by_source: dict[str, list[_Decoded]] = defaultdict(list)
+
+@dataclass
+class _Labels:
+    """Step 4: the images that survive the class filter, the label space, and the per-source summary."""
+
+    kept: list[Decoded] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    label_id: dict[str, int] = field(default_factory=dict)
+    sources: list[dict] = field(default_factory=list)
+
+
+def _assign_labels(
+    srcs: list[Source],
+    decoded: list[Decoded],
+    skipped: list[dict],
+    src_stats: dict[str, dict],
+    min_per_class: int,
+) -> _Labels:
+    """4. post-decode class filter and label ids (per source: sorted names, contiguous ids from the offset).
+    Classes that fell under ``min_per_class`` are appended to ``skipped``."""
+    by_source: dict[str, list[Decoded]] = defaultdict(list)
     for d in decoded:
         by_source[d.record.source].append(d)
-    labels: list[str] = []
-    label_id: dict[str, int] = {}
-    kept: list[_Decoded] = []
-    sources_out: list[dict] = []
+    out = _Labels()
     for s in srcs:
         items = by_source.get(s.name, [])
         counts = Counter(d.record.label for d in items)
         for d in items:
-            if counts[d.record.label] < options["min_per_class"]:
+            if counts[d.record.label] < min_per_class:
                 skipped.append({"path": d.record.path, "reason": REASON_SMALL_CLASS, "source": s.name})
-        items = [d for d in items if counts[d.record.label] >= options["min_per_class"]]
+        items = [d for d in items if counts[d.record.label] >= min_per_class]
         names = sorted({d.record.label for d in items})
-        offset_id = len(labels)
+        offset_id = len(out.names)
         for n in names:
-            label_id[n] = len(labels)
-            labels.append(n)
-        kept.extend(items)
+            out.label_id[n] = len(out.names)
+            out.names.append(n)
+        out.kept.extend(items)
         n_skipped = sum(1 for e in skipped if e.get("source") == s.name)
-        sources_out.append(
+        out.sources.append(
             {
                 "name": s.name,
                 "kind": s.kind,
@@ -349,22 +254,33 @@ def _build(
                 "n_missing": s.n_missing,
             }
         )
-    if not kept:
-        reasons = Counter(e["reason"] for e in skipped)
-        raise EmptyDatasetError(
-            "no images left after decoding and filtering"
-            + (f" (skipped: {dict(reasons)})" if reasons else " (the sources list no images)")
-        )
+    return out
 
-    # 5. deterministic shuffle, shards, content hash.
-    rng.shuffle(kept)
+
+@dataclass
+class _ShardTally:
+    """What writing the shards counted: the content hash and images/classes per domain and source."""
+
+    content_hash: str = ""
+    domain_images: Counter = field(default_factory=Counter)
+    domain_classes: dict[str, set] = field(default_factory=lambda: defaultdict(set))
+    psd_images: Counter = field(default_factory=Counter)
+    psd_classes: dict[tuple[str, str], set] = field(default_factory=lambda: defaultdict(set))
+
+
+def _write_shards(
+    kept: list[Decoded], label_id: dict[str, int], staging: Path, tmp: Path, options: dict, progress: bool
+) -> _ShardTally:
+    """Write ``kept`` (in this order, keys 00000000, ...) from the staging file into tar shards in ``tmp``.
+
+    The content hash covers the options and every sample's key, metadata and JPEG bytes, so it names
+    exactly what the shards hold."""
+    import webdataset as wds
+
     content = hashlib.sha256()
     content.update(json.dumps(options, sort_keys=True).encode())
-    per_domain_images: Counter = Counter()
-    per_domain_classes: dict[str, set] = defaultdict(set)
-    psd_images: Counter = Counter()
-    psd_classes: dict[tuple[str, str], set] = defaultdict(set)
-    with open(staging, "rb") as blob, _progress(progress) as bar:
+    tally = _ShardTally()
+    with open(staging, "rb") as blob, progress_bar(progress) as bar:
         task = bar.add_task("Writing shards", total=len(kept))
         writer = wds.ShardWriter(
             str(tmp / SHARD_PATTERN), maxcount=options["shard_size"], verbose=0, mtime=0.0
@@ -385,67 +301,51 @@ def _build(
                 key = f"{idx:08d}"
                 writer.write({"__key__": key, "jpg": jpg, "json": meta_bytes})
                 content.update(key.encode() + b"\0" + meta_bytes + b"\0" + hashlib.sha256(jpg).digest())
-                per_domain_images[r.domain] += 1
-                per_domain_classes[r.domain].add(r.label)
-                psd_images[(r.source, r.domain)] += 1
-                psd_classes[(r.source, r.domain)].add(r.label)
+                tally.domain_images[r.domain] += 1
+                tally.domain_classes[r.domain].add(r.label)
+                tally.psd_images[(r.source, r.domain)] += 1
+                tally.psd_classes[(r.source, r.domain)].add(r.label)
                 bar.advance(task)
         finally:
             writer.close()
-    staging.unlink()
-    shards = sorted(p.name for p in tmp.glob("shard-*.tar"))
+    tally.content_hash = content.hexdigest()
+    return tally
 
+
+def _manifest(
+    srcs: list[Source],
+    labels: _Labels,
+    tally: _ShardTally,
+    shards: list[str],
+    options: dict,
+    input_hash: str,
+    skipped: list[dict],
+) -> dict:
+    """``manifest.json`` of the finished dataset (format in docs/design.md)."""
+    source_order = [x.name for x in srcs]
     return {
         "version": MANIFEST_VERSION,
-        "hash": content.hexdigest(),
+        "hash": tally.content_hash,
         "input_hash": input_hash,
-        "count": len(kept),
+        "count": len(labels.kept),
         "shards": shards,
-        "labels": labels,
-        "sources": sources_out,
+        "labels": labels.names,
+        "sources": labels.sources,
         "domains": {
-            dom: {"images": per_domain_images[dom], "classes": len(per_domain_classes[dom])}
-            for dom in sorted(per_domain_images)
+            dom: {"images": tally.domain_images[dom], "classes": len(tally.domain_classes[dom])}
+            for dom in sorted(tally.domain_images)
         },
         "per_source_domain": [
             {
                 "source": s,
                 "domain": dom,
-                "images": psd_images[(s, dom)],
-                "classes": len(psd_classes[(s, dom)]),
+                "images": tally.psd_images[(s, dom)],
+                "classes": len(tally.psd_classes[(s, dom)]),
             }
-            for (s, dom) in sorted(psd_images, key=lambda k: ([x.name for x in srcs].index(k[0]), k[1]))
+            for (s, dom) in sorted(tally.psd_images, key=lambda k: (source_order.index(k[0]), k[1]))
         ],
         "options": options,
         "skipped": skipped,
         "skipped_counts": dict(sorted(Counter(e["reason"] for e in skipped).items())),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def print_summary(manifest: dict, out_dir: Path, console: Any) -> None:
-    """A short table: images, labels, domains, skipped by reason, and where the files are."""
-    from rich.table import Table
-
-    table = Table(title=f"Prepared dataset {out_dir}", show_lines=False)
-    for col in ("source", "domain", "images", "classes"):
-        table.add_column(col, justify="right" if col in ("images", "classes") else "left")
-    for row in manifest["per_source_domain"]:
-        table.add_row(row["source"], row["domain"], str(row["images"]), str(row["classes"]))
-    table.add_row(
-        "[bold]total",
-        f"{len(manifest['domains'])} domains",
-        f"[bold]{manifest['count']}",
-        f"[bold]{len(manifest['labels'])}",
-    )
-    console.print(table)
-    if manifest["skipped_counts"]:
-        parts = ", ".join(f"{k}: {v}" for k, v in manifest["skipped_counts"].items())
-        console.print(f"Skipped {len(manifest['skipped'])} files ({parts}); see 'skipped' in the manifest.")
-    else:
-        console.print("Skipped 0 files.")
-    console.print(
-        f"{len(manifest['shards'])} shard(s), manifest {out_dir / MANIFEST_NAME}, "
-        f"report {out_dir / 'report.png'} + report.md, content hash {manifest['hash'][:12]}"
-        + (f", built in {manifest['build_seconds']} s" if "build_seconds" in manifest else "")
-    )

@@ -6,6 +6,9 @@ The numbers come straight from the manifest, so the picture, the table and the J
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+from uniembed.data.shards import MANIFEST_NAME
 
 
 def report_markdown(manifest: dict) -> str:
@@ -92,3 +95,31 @@ def write_report(manifest: dict, out_dir: Path) -> tuple[Path, Path]:
     png = out_dir / "report.png"
     report_png(manifest, png)
     return png, md
+
+
+def print_summary(manifest: dict, out_dir: Path, console: Any) -> None:
+    """A short table: images, labels, domains, skipped by reason, and where the files are."""
+    from rich.table import Table
+
+    table = Table(title=f"Prepared dataset {out_dir}", show_lines=False)
+    for col in ("source", "domain", "images", "classes"):
+        table.add_column(col, justify="right" if col in ("images", "classes") else "left")
+    for row in manifest["per_source_domain"]:
+        table.add_row(row["source"], row["domain"], str(row["images"]), str(row["classes"]))
+    table.add_row(
+        "[bold]total",
+        f"{len(manifest['domains'])} domains",
+        f"[bold]{manifest['count']}",
+        f"[bold]{len(manifest['labels'])}",
+    )
+    console.print(table)
+    if manifest["skipped_counts"]:
+        parts = ", ".join(f"{k}: {v}" for k, v in manifest["skipped_counts"].items())
+        console.print(f"Skipped {len(manifest['skipped'])} files ({parts}); see 'skipped' in the manifest.")
+    else:
+        console.print("Skipped 0 files.")
+    console.print(
+        f"{len(manifest['shards'])} shard(s), manifest {out_dir / MANIFEST_NAME}, "
+        f"report {out_dir / 'report.png'} + report.md, content hash {manifest['hash'][:12]}"
+        + (f", built in {manifest['build_seconds']} s" if "build_seconds" in manifest else "")
+    )

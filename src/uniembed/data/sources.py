@@ -91,6 +91,51 @@ def write_labels_csv(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     return out
 
 
+@dataclass(frozen=True)
+class LabelRow:
+    """One row of a labels.csv as written, with its path made absolute.
+
+    ``path`` is ``""`` when the cell is empty (callers decide whether that is an error); ``line`` is the
+    row's line number in the file, for error messages.
+    """
+
+    path: str
+    label: str
+    domain: str
+    line: int
+
+
+def read_labels_csv(path: str | os.PathLike, *, default_domain: str = "default") -> list[LabelRow]:
+    """The rows of a labels.csv (``path,label[,domain]``), the one reader every stage shares.
+
+    ``path`` may be the CSV or a folder holding ``labels.csv``. Relative image paths are resolved against
+    the CSV's folder (absolute ones are kept as written); cells are stripped; an empty or absent ``domain``
+    becomes ``default_domain`` (``"default"``; pass ``default_domain=""`` to keep it empty). A UTF-8 BOM is
+    accepted. Whether the image files exist is not checked here. Raises :class:`DataError` when the file
+    does not exist or its header lacks ``path`` or ``label``; an empty file gives no rows.
+    """
+    csv_path = Path(path)
+    if csv_path.is_dir():
+        csv_path = csv_path / "labels.csv"
+    if not csv_path.is_file():
+        raise DataError(f"CSV file {csv_path} does not exist")
+    base = csv_path.parent
+    rows: list[LabelRow] = []
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames
+        if header is not None and not {"path", "label"} <= set(header):
+            raise DataError(f"{csv_path}: header must have columns path,label[,domain]; got {list(header)}")
+        for line, row in enumerate(reader, start=2):
+            rel = (row.get("path") or "").strip()
+            image = Path(rel)
+            resolved = "" if not rel else str(image if image.is_absolute() else base / image)
+            label = (row.get("label") or "").strip()
+            domain = (row.get("domain") or "").strip() or default_domain
+            rows.append(LabelRow(resolved, label, domain, line))
+    return rows
+
+
 def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
@@ -132,28 +177,18 @@ def _prefixed(source: Source, label: str) -> str:
 def _labels_csv(source: Source) -> Iterator[Record]:
     """``path,label[,domain]``; relative paths are relative to the CSV's folder; missing files: one error."""
     csv_path = source.root
-    base = csv_path.parent
     prefix = source.options.get("prefix")
-    default_domain = source.options.get("domain", "default")
     records: list[Record] = []
     missing: list[str] = []
-    rows = _read_csv(csv_path)
-    for lineno, row in enumerate(rows, start=2):
-        if lineno == 2 and ("path" not in row or "label" not in row):
-            raise DataError(f"{csv_path}: header must have columns path,label[,domain]; got {list(row)}")
-        rel = (row.get("path") or "").strip()
-        label = (row.get("label") or "").strip()
-        if not rel or not label:
-            raise DataError(f"{csv_path}:{lineno}: empty path or label")
-        p = Path(rel)
-        p = p if p.is_absolute() else base / p
-        if not p.is_file():
-            missing.append(str(p))
+    for row in read_labels_csv(csv_path, default_domain=source.options.get("domain", "default")):
+        if not row.path or not row.label:
+            raise DataError(f"{csv_path}:{row.line}: empty path or label")
+        if not Path(row.path).is_file():
+            missing.append(row.path)
             continue
-        domain = (row.get("domain") or "").strip() or default_domain
-        if "domain" in source.options:
-            domain = source.options["domain"]
-        records.append(Record(str(p), f"{prefix}:{label}" if prefix else label, domain, source.name))
+        domain = source.options.get("domain", row.domain)
+        label = f"{prefix}:{row.label}" if prefix else row.label
+        records.append(Record(row.path, label, domain, source.name))
     if missing:
         raise MissingFilesError(csv_path, missing)
     yield from records

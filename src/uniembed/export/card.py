@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from uniembed.core.fsutil import atomic_write_text
+
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -127,21 +129,30 @@ def write_card(out: Path, export: dict, run_dir: Path, feature_info: dict, manif
     summary = (
         json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else None
     )
-    bb, sm, onnx, par = (
-        export["backbone"],
-        export["saved_model"],
-        export.get("onnx"),
-        export.get("parity") or {},
-    )
     lines = [f"# Model card: `{run_dir.name}` GUIE embedder", ""]
-    lines += [
+    lines += _contract_section(export)
+    lines += _backbone_section(export)
+    lines += ["## Data", "", *_data_section(feature_info, manifest, summary), ""]
+    lines += _recipe_section(export, cfg)
+    lines += ["## Metrics", "", *_metrics_section(run_dir), ""]
+    lines += ["## Parity", "", *_parity_lines(export.get("parity") or {})]
+    lines += ["", f"Exported {export['created']} with torch {export['torch']}.", ""]
+    path = out / "model_card.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def _contract_section(export: dict) -> list[str]:
+    """How to call the exported files: input/output contract, fingerprint, a usage snippet."""
+    sm, onnx, pre = export["saved_model"], export.get("onnx"), export["preprocess"]
+    lines = [
         "## Contract",
         "",
         f"- `saved_model.pt` (TorchScript, `torch.jit.load`): input **uint8 [B,3,H,W]** RGB, any H and W "
         f"(e.g. `PILToTensor()(img).unsqueeze(0)`); output **float32 [B,{export['embedding_dim']}]**, "
         "L2-normalised. Preprocessing (squash resize to "
-        f"{export['preprocess']['input_size']}x{export['preprocess']['input_size']}, antialiased "
-        f"{export['preprocess']['interpolation']}, scale, mean/std), backbone, pooling and head are inside.",
+        f"{pre['input_size']}x{pre['input_size']}, antialiased "
+        f"{pre['interpolation']}, scale, mean/std), backbone, pooling and head are inside.",
         "- Compare embeddings with Euclidean distance (or cosine: they are unit vectors).",
         f"- Model fingerprint (sha256 of saved_model.pt, first 16 hex): `{sm['fingerprint']}`; "
         f"backbone {sm['backbone_compiled']} into TorchScript.",
@@ -158,7 +169,7 @@ def write_card(out: Path, export: dict, run_dir: Path, feature_info: dict, manif
         )
     else:
         lines.append("- `model.onnx`: not exported (--no-onnx).")
-    lines += [
+    return lines + [
         "",
         "```python",
         "import torch",
@@ -169,12 +180,16 @@ def write_card(out: Path, export: dict, run_dir: Path, feature_info: dict, manif
         "```",
         "",
     ]
-    lines += [
+
+
+def _backbone_section(export: dict) -> list[str]:
+    bb, pre = export["backbone"], export["preprocess"]
+    return [
         "## Backbone",
         "",
         f"- `{bb['name']}`, pooling `{bb['pooling']}`, feature width {bb['dim']}, input "
-        f"{export['preprocess']['input_size']} px (mean {export['preprocess']['mean']}, "
-        f"std {export['preprocess']['std']}, scale {export['preprocess']['scale']:.6g}).",
+        f"{pre['input_size']} px (mean {pre['mean']}, "
+        f"std {pre['std']}, scale {pre['scale']:.6g}).",
         f"- Weights: `{bb['weights']}`",
         f"- Weights sha256: `{bb['weights_hash']}`",
         f"- Feature fingerprint: `{bb['fingerprint']}`"
@@ -183,8 +198,11 @@ def write_card(out: Path, export: dict, run_dir: Path, feature_info: dict, manif
         *_member_lines(bb.get("members") or []),
         "",
     ]
-    lines += ["## Data", "", *_data_section(feature_info, manifest, summary), ""]
-    lines += [
+
+
+def _recipe_section(export: dict, cfg: dict) -> list[str]:
+    """The training recipe from the run's config.yaml (``?`` for what it does not say)."""
+    return [
         "## Recipe",
         "",
         f"- Head: `{json.dumps(export['head'])}`",
@@ -198,33 +216,27 @@ def write_card(out: Path, export: dict, run_dir: Path, feature_info: dict, manif
         f"- Fine-tuning: {json.dumps(cfg.get('finetune', {}).get('enabled', False))}",
         "",
     ]
-    lines += ["## Metrics", "", *_metrics_section(run_dir), ""]
-    lines += ["## Parity", ""]
-    if par:
-        lines.append(
-            f"Required: cosine >= {par['threshold_cosine']} for every image. Result: "
-            f"**{'passed' if par['passed'] else 'FAILED'}** (min cosine {par['min_cosine']:.6f}, "
-            f"max |diff| {par['max_abs_diff']:.2e}; {par['images']['shard_samples']} shard images, "
-            f"{par['images']['photos']} original photos of sizes {', '.join(par['photo_sizes'])})."
-        )
-        lines += [
-            "",
-            *_table(
-                ["comparison", "images", "max abs diff", "min cosine"],
-                [
-                    [c["name"], c["n"], f"{c['max_abs_diff']:.2e}", f"{c['min_cosine']:.6f}"]
-                    for c in par["comparisons"]
-                ],
-            ),
-        ]
-        for n in par.get("notes", []):
-            lines.append(f"- note: {n}")
-    else:
-        lines.append("Parity not checked.")
-    lines += ["", f"Exported {export['created']} with torch {export['torch']}.", ""]
-    path = out / "model_card.md"
-    path.write_text("\n".join(lines))
-    return path
+
+
+def _parity_lines(par: dict) -> list[str]:
+    """The parity check's verdict and its comparisons ("not checked" without a report)."""
+    if not par:
+        return ["Parity not checked."]
+    lines = [
+        f"Required: cosine >= {par['threshold_cosine']} for every image. Result: "
+        f"**{'passed' if par['passed'] else 'FAILED'}** (min cosine {par['min_cosine']:.6f}, "
+        f"max |diff| {par['max_abs_diff']:.2e}; {par['images']['shard_samples']} shard images, "
+        f"{par['images']['photos']} original photos of sizes {', '.join(par['photo_sizes'])}).",
+        "",
+        *_table(
+            ["comparison", "images", "max abs diff", "min cosine"],
+            [
+                [c["name"], c["n"], f"{c['max_abs_diff']:.2e}", f"{c['min_cosine']:.6f}"]
+                for c in par["comparisons"]
+            ],
+        ),
+    ]
+    return lines + [f"- note: {n}" for n in par.get("notes", [])]
 
 
 def _member_lines(members: list[dict]) -> list[str]:

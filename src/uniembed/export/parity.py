@@ -13,12 +13,15 @@ threshold fails the export loudly.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from uniembed.core.splits import spread_rows
+
+if TYPE_CHECKING:
+    from uniembed.export.model import RunModel
 
 COSINE_THRESHOLD = 0.999
 
@@ -89,9 +92,84 @@ def _photos(paths: list[str], n: int) -> tuple[list[torch.Tensor], list[str], in
     return out, used, bad
 
 
+def _one_by_one(fn: Any, imgs: list[torch.Tensor]) -> np.ndarray:
+    """Each image alone through ``fn`` (its own size, batch of one), stacked."""
+    return np.concatenate([np.asarray(fn(x.unsqueeze(0))) for x in imgs]) if imgs else np.zeros((0, 1))
+
+
+def _add(comparisons: list[dict], name: str, a: np.ndarray, b: np.ndarray) -> None:
+    if len(a):
+        comparisons.append({"name": name, **compare(a, b)})
+
+
+def _compare_on_shards(
+    run_model: RunModel, ts: Any, onnx: Any, n_images: int, notes: list[str], comparisons: list[dict]
+) -> int:
+    """Images the feature cache was computed from, through every route, including head(cached feature);
+    and a batch through the exported model against one-at-a-time. Returns how many images were used."""
+    fdirs = run_model.record.feature_dirs()
+    if run_model.finetuned:
+        notes.append("fine-tuned backbone: the cached features predate it, cached-feature route not compared")
+        return 0
+    if not fdirs:
+        notes.append("head.pt names no feature dir: cached-feature route not compared")
+        return 0
+    shard_imgs, feats, _, note = _shard_samples(fdirs[0], n_images)
+    if note:
+        notes.append(note + ": cached-feature route not compared")
+    if shard_imgs:
+        py = _one_by_one(run_model.model, shard_imgs)
+        cached = run_model.head(torch.from_numpy(feats)).numpy()
+        _add(comparisons, "python vs cached features (shard JPEGs)", py, cached)
+        _add(comparisons, "torchscript vs cached features (shard JPEGs)", _one_by_one(ts, shard_imgs), cached)
+        if onnx is not None:
+            _add(comparisons, "onnx vs cached features (shard JPEGs)", _one_by_one(onnx, shard_imgs), cached)
+        # batch > 1 through the exported model must match one-at-a-time
+        sizes = {tuple(t.shape) for t in shard_imgs}
+        if len(sizes) == 1 and len(shard_imgs) > 1:
+            _add(
+                comparisons,
+                "torchscript batch vs python (shard JPEGs)",
+                ts(torch.stack(shard_imgs)).numpy(),
+                py,
+            )
+    return len(shard_imgs)
+
+
+def _compare_on_photos(
+    run_model: RunModel,
+    ts: Any,
+    onnx: Any,
+    n_images: int,
+    photos: list[str] | None,
+    notes: list[str],
+    comparisons: list[dict],
+) -> tuple[list[torch.Tensor], list[str]]:
+    """Original photos at their own sizes, Python against the exported files (default photos: spread over
+    the domains of the run's feature cache). Returns (the images used, their paths)."""
+    from uniembed.features.store import load_feature_set
+
+    if photos is None:
+        photos = []
+        fdirs = run_model.record.feature_dirs()
+        if fdirs:
+            fs = load_feature_set(fdirs[0])
+            photos = [fs.paths[i] for i in spread_rows(fs.domains, 4 * n_images)]
+    imgs, used, bad = _photos(photos, n_images)
+    if bad:
+        notes.append(f"{bad} photo(s) could not be decoded and were skipped")
+    if not imgs:
+        notes.append("no original photos readable: compared on the shard images only")
+    py = _one_by_one(run_model.model, imgs)
+    _add(comparisons, "torchscript vs python (photos)", _one_by_one(ts, imgs), py)
+    if onnx is not None:
+        _add(comparisons, "onnx vs python (photos)", _one_by_one(onnx, imgs), py)
+    return imgs, used
+
+
 @torch.no_grad()
 def check_parity(
-    run_model: Any,  # uniembed.export.model.RunModel
+    run_model: RunModel,
     saved_model: str | Path,
     onnx_path: str | Path | None = None,
     n_images: int = 8,
@@ -105,63 +183,17 @@ def check_parity(
     from uniembed.core.runtime import onnx_session
     from uniembed.export.model import quiet_jit
     from uniembed.export.onnx_export import run_onnx
-    from uniembed.features.store import load_feature_set
 
     with quiet_jit():
         ts = torch.jit.load(str(saved_model), map_location="cpu").eval()
     sess = onnx_session(onnx_path) if onnx_path else None
-    model, head = run_model.model.eval(), run_model.head.eval()
+    onnx = (lambda x: run_onnx(sess, x)) if sess is not None else None
+    run_model.model.eval()
+    run_model.head.eval()
     notes: list[str] = []
     comparisons: list[dict] = []
-
-    def add(name: str, a: np.ndarray, b: np.ndarray) -> None:
-        if len(a):
-            comparisons.append({"name": name, **compare(a, b)})
-
-    def one_by_one(fn: Any, imgs: list[torch.Tensor]) -> np.ndarray:
-        return np.concatenate([np.asarray(fn(x.unsqueeze(0))) for x in imgs]) if imgs else np.zeros((0, 1))
-
-    fdirs = run_model.record.feature_dirs()
-    # 1. images the feature cache was computed from: all routes, including head(cached feature)
-    shard_imgs: list[torch.Tensor] = []
-    if run_model.finetuned:
-        notes.append("fine-tuned backbone: the cached features predate it, cached-feature route not compared")
-    elif not fdirs:
-        notes.append("head.pt names no feature dir: cached-feature route not compared")
-    else:
-        shard_imgs, feats, keys, note = _shard_samples(fdirs[0], n_images)
-        if note:
-            notes.append(note + ": cached-feature route not compared")
-        if shard_imgs:
-            py = one_by_one(model, shard_imgs)
-            cached = head(torch.from_numpy(feats)).numpy()
-            add("python vs cached features (shard JPEGs)", py, cached)
-            add("torchscript vs cached features (shard JPEGs)", one_by_one(ts, shard_imgs), cached)
-            if sess is not None:
-                add(
-                    "onnx vs cached features (shard JPEGs)",
-                    one_by_one(lambda x: run_onnx(sess, x), shard_imgs),
-                    cached,
-                )
-            # batch > 1 through the exported model must match one-at-a-time
-            sizes = {tuple(t.shape) for t in shard_imgs}
-            if len(sizes) == 1 and len(shard_imgs) > 1:
-                add("torchscript batch vs python (shard JPEGs)", ts(torch.stack(shard_imgs)).numpy(), py)
-    # 2. original photos at their own sizes: Python vs the exported files
-    if photos is None:
-        photos = []
-        if fdirs:
-            fs = load_feature_set(fdirs[0])
-            photos = [fs.paths[i] for i in spread_rows(fs.domains, 4 * n_images)]
-    imgs, used, bad = _photos(photos, n_images)
-    if bad:
-        notes.append(f"{bad} photo(s) could not be decoded and were skipped")
-    if not imgs:
-        notes.append("no original photos readable: compared on the shard images only")
-    py = one_by_one(model, imgs)
-    add("torchscript vs python (photos)", one_by_one(ts, imgs), py)
-    if sess is not None:
-        add("onnx vs python (photos)", one_by_one(lambda x: run_onnx(sess, x), imgs), py)
+    n_shard = _compare_on_shards(run_model, ts, onnx, n_images, notes, comparisons)
+    imgs, used = _compare_on_photos(run_model, ts, onnx, n_images, photos, notes, comparisons)
     if not comparisons:
         raise ParityError("parity check had no images: neither shard samples nor readable photos were found")
     worst = min(c["min_cosine"] for c in comparisons)
@@ -171,7 +203,7 @@ def check_parity(
         "min_cosine": worst,
         "max_abs_diff": max(c["max_abs_diff"] for c in comparisons),
         "comparisons": comparisons,
-        "images": {"shard_samples": len(shard_imgs), "photos": len(imgs), "photo_paths": used},
+        "images": {"shard_samples": n_shard, "photos": len(imgs), "photo_paths": used},
         "photo_sizes": sorted({f"{t.shape[2]}x{t.shape[1]}" for t in imgs}),
         "notes": notes,
     }

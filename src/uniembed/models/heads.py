@@ -111,8 +111,9 @@ def build_head(cfg: dict) -> nn.Module:
 
 
 @torch.no_grad()
-def pca_fit(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PCA of rows of ``x`` (float): (mean [D], components [k, D] as rows, variances [k]), largest first.
+def pca_spectrum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every principal direction of the rows of ``x``: (mean [D] float32, components [D, D] as rows, float64,
+    variances [D] float64 with the n - 1 denominator, unclipped), largest variance first.
 
     Uses the D x D covariance + eigh (float64) rather than an SVD of the data: memory is O(D^2) whatever N is.
     Component signs are fixed (largest-magnitude entry positive) so results are deterministic.
@@ -123,11 +124,19 @@ def pca_fit(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     # float32 product (the N x D x D part, 10x faster than float64 on CPU), float64 eigendecomposition
     cov = (xc.T @ xc / max(x.shape[0] - 1, 1)).double()
     evals, evecs = torch.linalg.eigh(cov)  # ascending
-    order = torch.argsort(evals, descending=True)[:k]
+    order = torch.argsort(evals, descending=True)
     comps = evecs[:, order].T.contiguous()
     sign = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
     comps = comps * torch.where(sign == 0, torch.ones_like(sign), sign)
-    return mean.float(), comps.float(), evals[order].clamp_min(0).float()
+    return mean, comps, evals[order]
+
+
+@torch.no_grad()
+def pca_fit(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PCA of rows of ``x`` (float): (mean [D], components [k, D] as rows, variances [k]), largest first,
+    all float32 (the top ``k`` of :func:`pca_spectrum`)."""
+    mean, comps, evals = pca_spectrum(x)
+    return mean.float(), comps[:k].float(), evals[:k].clamp_min(0).float()
 
 
 @torch.no_grad()

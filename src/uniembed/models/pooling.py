@@ -10,11 +10,14 @@ Multi-stage names: ``<pool>+stages`` concatenates the pooled maps of several sta
 of MobileNetV2 has ~10x the norm of earlier stages, so without per-block normalisation it drowns them and
 the concatenation behaves like plain ``avg`` (docs/experiments-archive.md: PCA-64 left-out mean 0.797 plain
 concatenation vs 0.815 block-normed vs 0.796 plain avg).
+
+A final ``+colour`` appends the colour-histogram block (models/colour.py). ``PoolingSpec.parse`` reads the
+whole grammar once into typed fields, so no caller needs to match suffixes itself.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -23,17 +26,87 @@ from torch import nn
 #: Pooling names accepted by ``create_backbone(..., pooling=...)`` (``gem`` also takes ``gem<p>``).
 POOLINGS = ("avg", "gem", "avg+stages", "gem+stages", "avg+stages_l2", "gem+stages_l2")
 
-_STAGES = "+stages"
-_STAGES_L2 = "+stages_l2"
+STAGES_SUFFIX = "+stages"
+STAGES_L2_SUFFIX = "+stages_l2"
+#: Appends the colour-histogram block (models/colour.py) to whatever the rest of the name gives.
+COLOUR_SUFFIX = "+colour"
+#: The model's own pooling (timm / open_clip: e.g. a ViT's class token); no stages.
+NATIVE = "native"
 
 
-class PoolingSpec(NamedTuple):
-    """A parsed pooling name."""
+@dataclass(frozen=True)
+class PoolingSpec:
+    """A pooling name parsed once: ``<base>[+stages|+stages_l2][+colour]``.
 
-    kind: str  # "avg" | "gem"
+    ``base`` is the single-map pooling as written (lower case): ``avg``, ``gem`` / ``gem<p>`` or ``native``.
+    ``str(spec)`` gives the name back (``PoolingSpec.parse("avg+stages_l2+colour")`` prints as
+    ``avg+stages_l2+colour``); a name in another case or with spaces comes back lower case and stripped.
+    The name as the caller wrote it stays the backbone's identity (``Backbone.pooling``, the fingerprint).
+    """
+
+    kind: str  # "avg" | "gem" | "native"
     multi: bool  # pool several stages and concatenate
-    p: float  # GeM exponent (1.0 for avg)
+    p: float  # GeM exponent (1.0 otherwise)
     block_l2: bool = False  # L2-normalise each stage's pooled vector before concatenating
+    colour: bool = False  # append the colour-histogram block
+    base: str = ""  # the single-map name as written: "avg", "gem", "gem4", "native"
+
+    @classmethod
+    def parse(cls, pooling: str) -> PoolingSpec:
+        """Any pooling name a backbone accepts; ValueError for anything else."""
+        spec = _parse(pooling)
+        if spec is None:
+            raise ValueError(
+                _unknown(pooling)
+                + f"; '{NATIVE}' (timm, open_clip) is the model's own pooling, and any name "
+                f"may end with '{COLOUR_SUFFIX}' to append the colour-histogram block"
+            )
+        return spec
+
+    @property
+    def stages_suffix(self) -> str:
+        """``+stages_l2``, ``+stages`` or ``""``."""
+        return STAGES_L2_SUFFIX if self.block_l2 else STAGES_SUFFIX if self.multi else ""
+
+    def without_colour(self) -> PoolingSpec:
+        """The CNN part alone (what the backbone builders see)."""
+        return replace(self, colour=False)
+
+    def __str__(self) -> str:
+        return self.base + self.stages_suffix + (COLOUR_SUFFIX if self.colour else "")
+
+
+def _unknown(pooling: str) -> str:
+    return (
+        f"unknown pooling {pooling!r}; use one of: avg, gem, gem<p> (e.g. gem4), optionally followed by "
+        "'+stages' (e.g. avg+stages) to concatenate pooled features from several network stages, or "
+        "'+stages_l2' (e.g. avg+stages_l2) to L2-normalise each stage's pooled vector before concatenating"
+    )
+
+
+def _parse(pooling: str) -> PoolingSpec | None:
+    """The grammar of pooling names, in one place; None when ``pooling`` is not one."""
+    name = pooling.strip().lower()
+    colour = name.endswith(COLOUR_SUFFIX)
+    if colour:
+        name = name[: -len(COLOUR_SUFFIX)]
+    block_l2 = name.endswith(STAGES_L2_SUFFIX)
+    multi = block_l2 or name.endswith(STAGES_SUFFIX)
+    if multi:
+        name = name[: -len(STAGES_L2_SUFFIX if block_l2 else STAGES_SUFFIX)]
+    if name == "avg":
+        return PoolingSpec("avg", multi, 1.0, block_l2, colour, name)
+    if name == NATIVE and not multi:
+        return PoolingSpec(NATIVE, False, 1.0, False, colour, name)
+    if name.startswith("gem"):
+        rest = name[3:]
+        try:
+            p = float(rest) if rest else 3.0
+        except ValueError:
+            p = -1.0
+        if p > 0:
+            return PoolingSpec("gem", multi, p, block_l2, colour, name)
+    return None
 
 
 class AvgPool(nn.Module):
@@ -66,31 +139,17 @@ class GeMPool(nn.Module):
         return f"p={float(self.p):g}, eps={self.eps:g}"
 
 
-def parse_pooling(pooling: str) -> PoolingSpec:
-    """``avg`` | ``gem`` | ``gem3.5`` (explicit p), optionally + ``+stages`` / ``+stages_l2`` -> spec."""
-    name = pooling.strip().lower()
-    block_l2 = name.endswith(_STAGES_L2)
-    multi = block_l2 or name.endswith(_STAGES)
-    if multi:
-        name = name[: -len(_STAGES_L2 if block_l2 else _STAGES)]
-    if name == "avg":
-        return PoolingSpec("avg", multi, 1.0, block_l2)
-    if name.startswith("gem"):
-        rest = name[3:]
-        try:
-            p = float(rest) if rest else 3.0
-        except ValueError:
-            p = -1.0
-        if p > 0:
-            return PoolingSpec("gem", multi, p, block_l2)
-    raise ValueError(
-        f"unknown pooling {pooling!r}; use one of: avg, gem, gem<p> (e.g. gem4), optionally followed by "
-        "'+stages' (e.g. avg+stages) to concatenate pooled features from several network stages, or "
-        "'+stages_l2' (e.g. avg+stages_l2) to L2-normalise each stage's pooled vector before concatenating"
-    )
+def parse_pooling(pooling: str | PoolingSpec) -> PoolingSpec:
+    """A CNN pooling name: ``avg`` | ``gem`` | ``gem3.5`` (explicit p), optionally + ``+stages`` /
+    ``+stages_l2``. ``native`` and ``+colour`` are not pooling modules (the backbone builders handle them),
+    so they are refused here; :meth:`PoolingSpec.parse` accepts every name."""
+    spec = pooling if isinstance(pooling, PoolingSpec) else _parse(pooling)
+    if spec is None or spec.colour or spec.kind == NATIVE:
+        raise ValueError(_unknown(str(pooling)))
+    return spec
 
 
-def make_pool(pooling: str) -> nn.Module:
+def make_pool(pooling: str | PoolingSpec) -> nn.Module:
     """A single-map pooling module for a pooling name (the ``+stages*`` suffix is handled by the backbone)."""
     spec = parse_pooling(pooling)
     return AvgPool() if spec.kind == "avg" else GeMPool(p=spec.p)
@@ -105,12 +164,13 @@ class MultiStagePool(nn.Module):
     result then has norm sqrt(n_maps).
     """
 
-    def __init__(self, pooling: str, n_maps: int, eps: float = 1e-8):
+    def __init__(self, pooling: str | PoolingSpec, n_maps: int, eps: float = 1e-8):
         super().__init__()
         if n_maps < 1:
             raise ValueError(f"MultiStagePool needs at least one map, got {n_maps}")
-        self.pools = nn.ModuleList([make_pool(pooling) for _ in range(n_maps)])
-        self.block_l2 = parse_pooling(pooling).block_l2
+        spec = parse_pooling(pooling)
+        self.pools = nn.ModuleList([make_pool(spec) for _ in range(n_maps)])
+        self.block_l2 = spec.block_l2
         self.eps = float(eps)
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:

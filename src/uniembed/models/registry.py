@@ -164,5 +164,6 @@ def _add_colour(bb: Backbone, pooling: str) -> Backbone:
 
 
 def _ensure_loaded() -> None:
-    # Importing the module runs its @register_backbone decorators.
+    # Importing the modules runs their @register_backbone decorators.
     import uniembed.models.backbones  # noqa: F401
+    import uniembed.models.hub_backbones  # noqa: F401

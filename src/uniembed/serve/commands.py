@@ -7,33 +7,38 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-INDEX_TYPE_HELP = (
-    "FAISS index type: 'auto' (exact 'flat' below 20k images, 'hnsw' up to 500k, 'ivf' beyond), 'flat' "
-    "(IndexFlatL2, exact), 'ivf' (IndexIVFFlat), 'ivfpq' (IndexIVFPQ, compressed), 'hnsw' (IndexHNSWFlat)."
+from uniembed.serve.cli_options import (
+    AdaptOption,
+    AddOption,
+    BackboneOption,
+    BatchSizeOption,
+    DomainOption,
+    EfConstructionOption,
+    EfSearchOption,
+    EngineOption,
+    HnswMOption,
+    ImagesOption,
+    IndexModelOption,
+    IndexTypeOption,
+    LimitOption,
+    NlistOption,
+    NprobeOption,
+    OutOption,
+    PoolingOption,
+    PqBitsOption,
+    PqMOption,
+    RefitOption,
+    ThreadsOption,
+    ThumbSizeOption,
 )
 
-
-EngineOption = Annotated[
-    str,
-    typer.Option(
-        "--engine",
-        help="How to run the model: 'auto' (the export's model.onnx in onnxruntime when export.json ties it "
-        "to this saved_model.pt and it agrees on probe images, else TorchScript), 'torch' (always the "
-        "TorchScript file), 'onnxruntime' (error if there is no verified model.onnx).",
-    ),
-]
-ThreadsOption = Annotated[
-    int | None,
-    typer.Option(
-        "--threads",
-        min=1,
-        help="Intra-op CPU threads for the model (default: the cores not already busy, by load average).",
-    ),
-]
+if TYPE_CHECKING:  # pragma: no cover
+    from uniembed.serve.build import BuildResult
+    from uniembed.serve.store import Hit
 
 _MODEL_HINT = " (this is the model recorded in the index; pass --model to use another copy of it)"
 
@@ -62,150 +67,19 @@ def index_mode(
     return adapt, backbone
 
 
-def index_command(
-    images: Annotated[
-        list[Path],
-        typer.Option(
-            "--images",
-            "-i",
-            help="Images to index; repeatable. A "
-            "labels.csv (path,label,domain; paths relative to the CSV), a "
-            "folder holding labels.csv, a prepared shards folder "
-            "(manifest.json), a folder of images labelled by parent "
-            "folder name, or single image files.",
-        ),
-    ],
-    out: Annotated[
-        Path,
-        typer.Option(
-            "--out", "-o", help="Index directory to write (replaced atomically; with --add, extended)."
-        ),
-    ] = Path("artifacts/index"),
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            "--model",
-            "-m",
-            help="GUIE TorchScript saved_model.pt (or the export folder holding it) used to embed the "
-            "images. Without it the index is collection-adapted (--adapt, default pcaw256 on "
-            "mobilenetv2+efficientnet_lite2): it fits and stores its own query model.",
-        ),
-    ] = None,
-    adapt: Annotated[
-        str | None,
-        typer.Option(
-            "--adapt",
-            help="Collection-adapted index: embed the images with the frozen --backbone, fit a projection "
-            "on those features (no labels) and store it with a query model in the index. 'pca<D>' (PCA to D "
-            "dims), 'pcaw<D>' (PCA + square-root whitening), 'pcaw<D>@<power>' (whitening power in [0,1]; "
-            "1 = full whitening). D <= min(images, feature dim). With --add --refit: refit to this spec.",
-        ),
-    ] = None,
-    backbone: Annotated[
-        str | None,
-        typer.Option(
-            "--backbone",
-            help="With --adapt: backbone computing the features (mobilenetv2, efficientnet_lite0/1/2, "
-            "timm:<name>, ...). With --add on an adapted index it defaults to the stored one.",
-        ),
-    ] = None,
-    pooling: Annotated[
-        str | None,
-        typer.Option(
-            "--pooling", help="With --adapt: the backbone's pooling (avg, gem, avg+stages, ...; default avg)."
-        ),
-    ] = None,
-    refit: Annotated[
-        bool,
-        typer.Option(
-            "--refit",
-            help="With --add on an adapted index: refit the projection on all stored features (old + new) "
-            "and rewrite every vector and the query model (without it, --add keeps the projection).",
-        ),
-    ] = False,
-    index_type: Annotated[str, typer.Option("--type", "-t", help=INDEX_TYPE_HELP)] = "auto",
-    add: Annotated[
-        bool,
-        typer.Option(
-            "--add",
-            help="Append the images to the existing index at --out without "
-            "re-embedding what is already there. Refuses a different model (its "
-            "fingerprint must match); paths already indexed are skipped.",
-        ),
-    ] = False,
-    batch_size: Annotated[
-        int,
-        typer.Option(
-            "--batch-size",
-            "-b",
-            min=1,
-            help="Images per model forward (images are resized by the model's own preprocessing first, so "
-            "sizes mix; for models without it, images of one size are batched together).",
-        ),
-    ] = 32,
-    limit: Annotated[
-        int | None, typer.Option("--limit", min=1, help="Index at most this many images (quick trials).")
-    ] = None,
-    domain: Annotated[
-        str,
-        typer.Option(
-            "--domain",
-            help="Domain recorded for images from plain folders (labels.csv and shards carry their own).",
-        ),
-    ] = "",
-    nlist: Annotated[
-        int | None, typer.Option("--nlist", min=1, help="IVF: number of inverted lists (default ~4*sqrt(N)).")
-    ] = None,
-    nprobe: Annotated[
-        int | None,
-        typer.Option(
-            "--nprobe",
-            min=1,
-            help="IVF: lists visited per query; higher = better recall, slower (default max(8, nlist/8)).",
-        ),
-    ] = None,
-    pq_m: Annotated[
-        int | None,
-        typer.Option(
-            "--pq-m",
-            min=1,
-            help="IVFPQ: sub-quantizers; must divide the embedding dim (default 16 for 64-d).",
-        ),
-    ] = None,
-    pq_bits: Annotated[
-        int | None,
-        typer.Option("--pq-bits", min=1, max=16, help="IVFPQ: bits per sub-quantizer code (default 8)."),
-    ] = None,
-    hnsw_m: Annotated[
-        int | None, typer.Option("--hnsw-m", min=2, help="HNSW: graph neighbours per node (default 32).")
-    ] = None,
-    ef_construction: Annotated[
-        int | None,
-        typer.Option("--ef-construction", min=1, help="HNSW: build-time search depth (default 80)."),
-    ] = None,
-    ef_search: Annotated[
-        int | None,
-        typer.Option(
-            "--ef-search", min=1, help="HNSW: query-time search depth; higher = better recall (default 64)."
-        ),
-    ] = None,
-    thumb_size: Annotated[
-        int,
-        typer.Option(
-            "--thumb-size",
-            min=16,
-            max=1024,
-            help="Longest side of the stored thumbnails served by `uniembed serve`.",
-        ),
-    ] = 160,
-    engine: EngineOption = "auto",
-    threads: ThreadsOption = None,
-) -> None:
-    """Embed images with a saved_model.pt (or, with --adapt, a backbone + a projection fitted on the images)
-    and build (or --add to) a FAISS index for search and serve."""
-    from rich.console import Console
-    from rich.table import Table
-
+def run_index(
+    images: list[Path],
+    out: Path,
+    model: Path | None,
+    adapt: str | None,
+    backbone: str | None,
+    pooling: str | None,
+    index_type: str,
+    add: bool,
+    **build_options: Any,
+) -> BuildResult:
+    """Check the option combination, fill in the adapted default without --model, and build; every
+    user-facing error becomes a one-line exit."""
     from uniembed.export.embedder import ModelError
     from uniembed.serve.index import INDEX_TYPES, ImageIndexError, build_index
 
@@ -217,37 +91,17 @@ def index_command(
     adapt, backbone = index_mode(model, adapt, backbone, add)
     if model is not None and (backbone is not None or pooling is not None):
         raise _fail("--backbone/--pooling are only used with --adapt; a --model embeds the images itself")
-    params = {
-        k: v
-        for k, v in {
-            "nlist": nlist,
-            "nprobe": nprobe,
-            "pq_m": pq_m,
-            "pq_bits": pq_bits,
-            "hnsw_m": hnsw_m,
-            "ef_construction": ef_construction,
-            "ef_search": ef_search,
-        }.items()
-        if v is not None
-    }
     try:
-        res = build_index(
+        return build_index(
             model,
             images,
             out,
             index_type=index_type,
             add=add,
-            batch_size=batch_size,
-            params=params,
-            limit=limit,
-            domain=domain,
-            thumb_size=thumb_size,
-            engine=engine,
-            threads=threads,
             adapt=adapt,
             backbone=backbone,
             pooling=pooling,
-            refit=refit,
+            **build_options,
         )
     except (ImageIndexError, ModelError) as e:
         hint = (
@@ -257,6 +111,13 @@ def index_command(
             else ""
         )
         raise _fail(str(e) + hint) from None
+
+
+def print_build_summary(res: BuildResult) -> None:
+    """The table ``uniembed index`` prints, then the first skipped images with their reasons."""
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console()
     t = Table(title=f"index {res.out_dir}", show_header=False)
     t.add_row("images in index", str(res.count))
@@ -278,6 +139,81 @@ def index_command(
         console.print(f"  skipped {s['path']}: {s['reason']} {s.get('detail', '')}", highlight=False)
     if len(res.skipped) > 10:
         console.print(f"  … {len(res.skipped) - 10} more in {res.out_dir / 'index.json'}")
+
+
+def index_command(
+    images: ImagesOption,
+    out: OutOption = Path("artifacts/index"),
+    model: IndexModelOption = None,
+    adapt: AdaptOption = None,
+    backbone: BackboneOption = None,
+    pooling: PoolingOption = None,
+    refit: RefitOption = False,
+    index_type: IndexTypeOption = "auto",
+    add: AddOption = False,
+    batch_size: BatchSizeOption = 32,
+    limit: LimitOption = None,
+    domain: DomainOption = "",
+    nlist: NlistOption = None,
+    nprobe: NprobeOption = None,
+    pq_m: PqMOption = None,
+    pq_bits: PqBitsOption = None,
+    hnsw_m: HnswMOption = None,
+    ef_construction: EfConstructionOption = None,
+    ef_search: EfSearchOption = None,
+    thumb_size: ThumbSizeOption = 160,
+    engine: EngineOption = "auto",
+    threads: ThreadsOption = None,
+) -> None:
+    """Embed images with a saved_model.pt (or, with --adapt, a backbone + a projection fitted on the images)
+    and build (or --add to) a FAISS index for search and serve."""
+    overrides = {
+        "nlist": nlist,
+        "nprobe": nprobe,
+        "pq_m": pq_m,
+        "pq_bits": pq_bits,
+        "hnsw_m": hnsw_m,
+        "ef_construction": ef_construction,
+        "ef_search": ef_search,
+    }
+    res = run_index(
+        images,
+        out,
+        model,
+        adapt,
+        backbone,
+        pooling,
+        index_type,
+        add,
+        refit=refit,
+        batch_size=batch_size,
+        params={k: v for k, v in overrides.items() if v is not None},
+        limit=limit,
+        domain=domain,
+        thumb_size=thumb_size,
+        engine=engine,
+        threads=threads,
+    )
+    print_build_summary(res)
+
+
+def print_search_tables(queries: list[Path], all_hits: list[list[Hit]], failed: list[dict[str, str]]) -> None:
+    """One table of results per query, then the queries that could not be read (on stderr)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for q, hits in zip(queries, all_hits, strict=True):
+        t = Table(title=f"query {q}")
+        for col in ("#", "distance", "label", "domain", "path"):
+            t.add_column(col, overflow="fold")
+        for rank, h in enumerate(hits, 1):
+            t.add_row(str(rank), f"{h.distance:.4f}", h.label, h.domain, h.path)
+        console.print(t)
+    for f in failed:
+        Console(stderr=True, soft_wrap=True).print(
+            f"[red]cannot read {f['query']}:[/] {f['error']}", highlight=False
+        )
 
 
 def search_command(
@@ -307,7 +243,6 @@ def search_command(
 ) -> None:
     """Find the indexed images nearest to each query image (top-k with distances, labels and paths)."""
     from rich.console import Console
-    from rich.table import Table
 
     from uniembed.core.runtime import free_cores
     from uniembed.data.images import BadImageError, load_image
@@ -338,18 +273,7 @@ def search_command(
         ]
         typer.echo(json.dumps(out + failed, indent=2))
     else:
-        console = Console()
-        for q, hits in zip(queries, all_hits, strict=True):
-            t = Table(title=f"query {q}")
-            for col in ("#", "distance", "label", "domain", "path"):
-                t.add_column(col, overflow="fold")
-            for rank, h in enumerate(hits, 1):
-                t.add_row(str(rank), f"{h.distance:.4f}", h.label, h.domain, h.path)
-            console.print(t)
-        for f in failed:
-            Console(stderr=True, soft_wrap=True).print(
-                f"[red]cannot read {f['query']}:[/] {f['error']}", highlight=False
-            )
+        print_search_tables(queries, all_hits, failed)
     if grid is not None and pil:
         from uniembed.serve.grid import draw_grid
 

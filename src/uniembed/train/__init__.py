@@ -29,7 +29,7 @@ def train(
 
 
 def load_head(run_dir: Any) -> tuple[nn.Module, HeadRecord]:
-    """``(head in eval mode, run record)``; see :func:`uniembed.train.trainer.load_head`."""
-    from uniembed.train.trainer import load_head as _load_head
+    """``(head in eval mode, run record)``; see :func:`uniembed.train.checkpoint.load_head`."""
+    from uniembed.train.checkpoint import load_head as _load_head
 
     return _load_head(run_dir)

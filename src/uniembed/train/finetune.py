@@ -19,16 +19,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from uniembed.core.run_record import HEAD_FILE
+from uniembed.core.run_record import HEAD_FILE, HeadRecord
+from uniembed.models.losses import EmbeddingLoss, build_loss
+from uniembed.train.checkpoint import CHECKPOINT_FILE, load_head, load_loss_state, save_torch
 from uniembed.train.config import TrainConfig
 from uniembed.train.data import TrainData
+from uniembed.train.distributed import resolve_device
+from uniembed.train.optim import build_optimizer
+from uniembed.train.report import METRICS_FILE, add_to_summary, step_progress
+from uniembed.train.validate import score
+
+if TYPE_CHECKING:
+    from uniembed.models.registry import Backbone
 
 BACKBONE_STATE_FILE = "backbone_finetuned.pt"
 
@@ -155,27 +165,25 @@ def _embed_images(
     return (torch.cat(embs) if embs else torch.zeros(0, 1)), kept
 
 
-def finetune(cfg: TrainConfig, run: Path, data: TrainData, console: Any) -> dict:
-    """Run the fine-tune stage after head training; returns its record (also written to the run dir)."""
-    from uniembed.models.losses import build_loss
-    from uniembed.models.registry import create_backbone
-    from uniembed.train.trainer import (
-        CHECKPOINT_FILE,
-        _resolve_device,
-        atomic_save,
-        build_optimizer,
-        load_head,
-        score,
-        step_progress,
-    )
+@dataclass
+class _Stage:
+    """The fine-tune stage's models and optimiser: backbone (last blocks trainable), head, loss on ``dev``."""
 
-    ft = cfg.finetune
-    ds = ft.dataset or data.info.get("dataset_dir")
-    if not ds:
-        raise ValueError(
-            "finetune needs the prepared dataset: set finetune.dataset (the features' info.json "
-            "has no dataset_dir)"
-        )
+    backbone_name: str | None
+    backbone: Backbone
+    bb_params: list[nn.Parameter]
+    pre: nn.Module
+    head: nn.Module
+    rec: HeadRecord
+    loss: EmbeddingLoss
+    dev: torch.device
+    opt: torch.optim.Optimizer
+
+
+def _create_backbone(data: TrainData) -> Backbone:
+    """The pretrained backbone the features came from; refuses one whose feature function differs."""
+    from uniembed.models.registry import create_backbone
+
     name, pooling = data.info.get("backbone"), data.info.get("pooling", "avg")
     bb = create_backbone(name, pretrained=True, pooling=pooling)
     if data.info.get("fingerprint") and bb.fingerprint() != data.info["fingerprint"]:
@@ -184,14 +192,20 @@ def finetune(cfg: TrainConfig, run: Path, data: TrainData, console: Any) -> dict
             f"were extracted with {data.info['fingerprint']}: fine-tuning would start from a "
             "different feature function than the head was trained on"
         )
+    return bb
+
+
+def _build_stage(cfg: TrainConfig, run: Path, data: TrainData) -> _Stage:
+    """Backbone, stage 1's head and loss (its class centres from the checkpoint), one optimiser over all."""
+    ft = cfg.finetune
+    bb = _create_backbone(data)
     torch.manual_seed(cfg.seed + 17)
     bb_params = unfreeze_last_blocks(bb.module, ft.blocks)
     pre = bb.preprocessor()
     head, rec = load_head(run)
     loss = build_loss(cfg.loss, len(data.classes), int(rec.embedding_dim), data.class_counts())
-    dev = _resolve_device(cfg.device, 0)
-    ck = torch.load(run / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-    loss.load_state_dict({k[len("loss.") :]: v for k, v in ck["model"].items() if k.startswith("loss.")})
+    dev = resolve_device(cfg.device, 0)
+    load_loss_state(run / CHECKPOINT_FILE, loss)
     bb.module.to(dev)
     head.to(dev)
     loss.to(dev)
@@ -204,39 +218,60 @@ def finetune(cfg: TrainConfig, run: Path, data: TrainData, console: Any) -> dict
             {"params": bb_params, "lr": ft.lr, "weight_decay": cfg.optim.weight_decay, "name": "backbone"}
         ],
     )
+    return _Stage(data.info.get("backbone"), bb, bb_params, pre, head, rec, loss, dev, opt)
 
-    # Val images, embedded before fine-tuning through the same decode path as after (a fair comparison).
-    val = None
-    if ft.evaluate and len(data.val_idx) > 1:
-        vi = data.val_idx
-        if ft.max_val_images and ft.max_val_images < len(vi):
-            vi = np.sort(np.random.default_rng(cfg.seed + 1).choice(vi, ft.max_val_images, replace=False))
-        row_of = {data.keys[i]: int(i) for i in vi}
-        vblobs, _, vkeys, vskip = _load_images(ds, dict.fromkeys(row_of, 0), console)
-        before, kept = _embed_images(bb.module, head, pre, vblobs, 64, vskip)
-        vblobs = [vblobs[i] for i in kept]  # undecodable ones are counted in vskip and left out
-        vrows = np.array([row_of[vkeys[i]] for i in kept], dtype=np.int64)
-        val = (vblobs, vrows, vskip, before)
 
-    # Training images: the training rows' keys (class ids from stage 1), optionally a seeded subset.
+def _val_before(cfg: TrainConfig, ds: str, data: TrainData, st: _Stage, console: Any) -> tuple | None:
+    """Val images, embedded before fine-tuning through the same decode path as after (a fair comparison):
+    ``(blobs, feature rows, skipped counts, embeddings)``, or None when not evaluating."""
+    ft = cfg.finetune
+    if not (ft.evaluate and len(data.val_idx) > 1):
+        return None
+    vi = data.val_idx
+    if ft.max_val_images and ft.max_val_images < len(vi):
+        vi = np.sort(np.random.default_rng(cfg.seed + 1).choice(vi, ft.max_val_images, replace=False))
+    row_of = {data.keys[i]: int(i) for i in vi}
+    vblobs, _, vkeys, vskip = _load_images(ds, dict.fromkeys(row_of, 0), console)
+    before, kept = _embed_images(st.backbone.module, st.head, st.pre, vblobs, 64, vskip)
+    vblobs = [vblobs[i] for i in kept]  # undecodable ones are counted in vskip and left out
+    vrows = np.array([row_of[vkeys[i]] for i in kept], dtype=np.int64)
+    return vblobs, vrows, vskip, before
+
+
+def _training_images(
+    cfg: TrainConfig, ds: str, data: TrainData, console: Any
+) -> tuple[list[bytes], torch.Tensor, dict[str, int]]:
+    """The training rows' images (class ids from stage 1), optionally a seeded subset; skipped counts."""
+    ft = cfg.finetune
     tr_keys = [data.keys[i] for i in data.train_idx]
     tr_y = data.y_train.tolist()
     sel = np.arange(len(tr_keys))
     if ft.max_images and ft.max_images < len(sel):
         sel = np.sort(np.random.default_rng(cfg.seed).choice(len(sel), ft.max_images, replace=False))
     wanted = {tr_keys[i]: tr_y[i] for i in sel}
-    t0 = time.perf_counter()
     blobs, ys, _, skipped = _load_images(ds, wanted, console)
     if not blobs:
         raise ValueError(f"finetune: none of the training images were found in {ds}")
-    y_all = torch.tensor(ys, dtype=torch.long)
-    B = ft.batch_size
+    return blobs, torch.tensor(ys, dtype=torch.long), skipped
+
+
+def _train_stage(
+    cfg: TrainConfig,
+    st: _Stage,
+    blobs: list[bytes],
+    y_all: torch.Tensor,
+    skipped: dict[str, int],
+    console: Any,
+) -> list[float]:
+    """The fine-tune epochs; returns the loss of every step."""
+    ft, B = cfg.finetune, cfg.finetune.batch_size
     steps_per_epoch = (len(blobs) + B - 1) // B
     if ft.max_steps:
         steps_per_epoch = min(steps_per_epoch, ft.max_steps)
     console.print(
-        f"[bold]finetune[/] {name}: last {ft.blocks} block(s) ({sum(p.numel() for p in bb_params):,} "
-        f"params), {len(blobs)} images, {ft.epochs} epoch(s) x {steps_per_epoch} steps"
+        f"[bold]finetune[/] {st.backbone_name}: last {ft.blocks} block(s) "
+        f"({sum(p.numel() for p in st.bb_params):,} params), {len(blobs)} images, {ft.epochs} epoch(s) x "
+        f"{steps_per_epoch} steps"
     )
     losses: list[float] = []
     progress = step_progress("finetune", console, enabled=cfg.progress)
@@ -245,25 +280,70 @@ def finetune(cfg: TrainConfig, run: Path, data: TrainData, console: Any) -> dict
         for epoch in range(1, ft.epochs + 1):
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 500_000 + epoch)
             order = torch.randperm(len(blobs), generator=g)
-            bb.module.eval()  # frozen BN statistics (see module docstring); dropout-free trunk
-            head.train()
+            st.backbone.module.eval()  # frozen BN statistics (see module docstring); dropout-free trunk
+            st.head.train()
             for s in range(steps_per_epoch):
                 idx = order[s * B : (s + 1) * B].tolist()
-                x, ok = _decode_batch([blobs[i] for i in idx], pre, ft.augment, skipped)
-                if x is None or (head.use_bn and len(ok) < 2):
+                x, ok = _decode_batch([blobs[i] for i in idx], st.pre, ft.augment, skipped)
+                if x is None or (st.head.use_bn and len(ok) < 2):
                     continue
-                y = y_all[[idx[i] for i in ok]]
-                y = y.to(dev)
-                feats = bb.module(x.to(dev))
-                out = loss(head(feats), y, feats.detach() if loss.distill is not None else None)
-                opt.zero_grad(set_to_none=True)
+                y = y_all[[idx[i] for i in ok]].to(st.dev)
+                feats = st.backbone.module(x.to(st.dev))
+                out = st.loss(st.head(feats), y, feats.detach() if st.loss.distill is not None else None)
+                st.opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
-                opt.step()
+                st.opt.step()
                 losses.append(float(out["loss"].detach()))
                 progress.update(task, advance=1, ep=f"{epoch}/{ft.epochs}", loss=f"{losses[-1]:.4f}")
+    return losses
+
+
+def _score_after(st: _Stage, val: tuple, data: TrainData, record: dict[str, Any], console: Any) -> None:
+    """Val mP@5 before and after fine-tuning into ``record`` (when every val image decoded both times)."""
+    vblobs, vrows, vskip, before = val
+    emb, kept = _embed_images(st.backbone.module, st.head, st.pre, vblobs, 64, vskip)
+    if kept == list(range(len(vblobs))) and len(vrows) > 1:
+        record["val_images"] = len(vrows)
+        record["val_skipped"] = vskip
+        record["val_before"] = score(before, data.label_names[vrows], data.domains[vrows])
+        record["val"] = score(emb, data.label_names[vrows], data.domains[vrows])
+        console.print(
+            f"finetune: val mP@5 {record['val_before']['mP@5']:.4f} (before) -> "
+            f"{record['val']['mP@5']:.4f} (fine-tuned) on {len(vrows)} val images"
+        )
+
+
+def _write_outputs(run: Path, st: _Stage, record: dict[str, Any]) -> None:
+    """head.pt with the fine-tuned head and backbone, a metrics.jsonl line, summary.json's entry."""
+    dataclasses.replace(
+        st.rec,
+        state_dict={k: v.detach().cpu().clone() for k, v in st.head.state_dict().items()},
+        backbone_state=BACKBONE_STATE_FILE,
+        finetune=record,
+    ).save(run / HEAD_FILE)
+    with open(run / METRICS_FILE, "a") as f:
+        f.write(json.dumps({"kind": "finetune", **record}) + "\n")
+    add_to_summary(run, "finetune", record)
+
+
+def finetune(cfg: TrainConfig, run: Path, data: TrainData, console: Any) -> dict:
+    """Run the fine-tune stage after head training; returns its record (also written to the run dir)."""
+    ft = cfg.finetune
+    ds = ft.dataset or data.info.get("dataset_dir")
+    if not ds:
+        raise ValueError(
+            "finetune needs the prepared dataset: set finetune.dataset (the features' info.json "
+            "has no dataset_dir)"
+        )
+    st = _build_stage(cfg, run, data)
+    val = _val_before(cfg, ds, data, st, console)
+    t0 = time.perf_counter()
+    blobs, y_all, skipped = _training_images(cfg, ds, data, console)
+    losses = _train_stage(cfg, st, blobs, y_all, skipped, console)
     train_s = time.perf_counter() - t0
 
-    atomic_save({k: v.detach().cpu() for k, v in bb.module.state_dict().items()}, run / BACKBONE_STATE_FILE)
+    bb_state = {k: v.detach().cpu() for k, v in st.backbone.module.state_dict().items()}
+    save_torch(bb_state, run / BACKBONE_STATE_FILE)
     record: dict[str, Any] = {
         "blocks": ft.blocks,
         "lr": ft.lr,
@@ -277,33 +357,7 @@ def finetune(cfg: TrainConfig, run: Path, data: TrainData, console: Any) -> dict
         "train_s": round(train_s, 2),
         "dataset": str(ds),
     }
-
     if val is not None:
-        vblobs, vrows, vskip, before = val
-        emb, kept = _embed_images(bb.module, head, pre, vblobs, 64, vskip)
-        if kept == list(range(len(vblobs))) and len(vrows) > 1:
-            record["val_images"] = len(vrows)
-            record["val_skipped"] = vskip
-            record["val_before"] = score(before, data.label_names[vrows], data.domains[vrows])
-            record["val"] = score(emb, data.label_names[vrows], data.domains[vrows])
-            console.print(
-                f"finetune: val mP@5 {record['val_before']['mP@5']:.4f} (before) -> "
-                f"{record['val']['mP@5']:.4f} (fine-tuned) on {len(vrows)} val images"
-            )
-
-    dataclasses.replace(
-        rec,
-        state_dict={k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
-        backbone_state=BACKBONE_STATE_FILE,
-        finetune=record,
-    ).save(run / HEAD_FILE)
-    with open(run / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"kind": "finetune", **record}) + "\n")
-    summ = run / "summary.json"
-    if summ.exists():
-        s = json.loads(summ.read_text())
-        s["finetune"] = record
-        tmp = summ.with_name(summ.name + ".tmp")
-        tmp.write_text(json.dumps(s, indent=2))
-        tmp.replace(summ)
+        _score_after(st, val, data, record, console)
+    _write_outputs(run, st, record)
     return record

@@ -47,28 +47,47 @@ def register(app: typer.Typer) -> None:
         <baseline> <ratio>` lines (ratio = times better than the baseline). Each side runs in its own
         process; peak memory (RSS) of each is reported. Results: <out>/<name>.json with the machine's
         description."""
-        import time
+        code = bench_command(quick, out, only, data, threads, images, check_goals)
+        if code:
+            raise typer.Exit(code)
 
-        from rich.console import Console
 
-        from uniembed_lab.bench.common import BenchConfig
-        from uniembed_lab.bench.runner import BenchError, print_report, resolve_names, run_bench
+def bench_command(
+    quick: bool,
+    out: Path,
+    only: list[str] | None,
+    data: Path | None,
+    threads: int,
+    images: int,
+    check_goals: bool,
+) -> int:
+    """Run the measures; the exit code: 1 when a measure failed, 2 when ``check_goals`` and a full-size
+    measure missed its goal, else 0. A bad ``--only`` raises ``typer.BadParameter``."""
+    import time
 
-        console = Console(stderr=True)
-        if not console.is_terminal:  # logs and CI: wide enough that the tables do not wrap
-            console = Console(stderr=True, width=160)
-        try:
-            names = resolve_names(only)
-        except BenchError as e:
-            raise typer.BadParameter(str(e), param_hint="--only") from e
-        overrides: dict = {"out": out, "data_dir": data, "threads": max(0, threads)}
-        if images > 0:
-            overrides["n_images"] = images
-        cfg = BenchConfig.make(quick, **overrides)
-        t0 = time.perf_counter()
-        results = run_bench(cfg, names, console)
-        failures = print_report(cfg, results, time.perf_counter() - t0, console)
-        if failures:
-            raise typer.Exit(1)
-        if check_goals and any(r.get("goal_met") is False for r in results.values()):
-            raise typer.Exit(2)
+    from rich.console import Console
+
+    from uniembed_lab.bench.common import BenchConfig
+    from uniembed_lab.bench.measures import BenchError, resolve_names
+    from uniembed_lab.bench.report import print_report
+    from uniembed_lab.bench.runner import run_bench
+
+    console = Console(stderr=True)
+    if not console.is_terminal:  # logs and CI: wide enough that the tables do not wrap
+        console = Console(stderr=True, width=160)
+    try:
+        names = resolve_names(only)
+    except BenchError as e:
+        raise typer.BadParameter(str(e), param_hint="--only") from e
+    overrides: dict = {"out": out, "data_dir": data, "threads": max(0, threads)}
+    if images > 0:
+        overrides["n_images"] = images
+    cfg = BenchConfig.make(quick, **overrides)
+    t0 = time.perf_counter()
+    results = run_bench(cfg, names, console)
+    failures = print_report(cfg, results, time.perf_counter() - t0, console)
+    if failures:
+        return 1
+    if check_goals and any(r.get("goal_met") is False for r in results.values()):
+        return 2
+    return 0

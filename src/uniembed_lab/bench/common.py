@@ -7,10 +7,11 @@ rewriting a small JSON file that the parent process polls and draws with rich.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from uniembed.core.fsutil import atomic_write_text
 
 
 @dataclass
@@ -93,9 +94,7 @@ class ProgressFile:
         if not force and now - self._last < self.min_interval and done < total:
             return
         self._last = now
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"done": done, "total": total, "desc": desc}))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps({"done": done, "total": total, "desc": desc}))
 
 
 def set_threads(n: int) -> None:
@@ -112,9 +111,5 @@ def set_threads(n: int) -> None:
 
 
 def write_json(path: str | Path, obj: dict) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, p)
-    return p
+    """Write a result file whole (a reader never sees half of it)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=str))

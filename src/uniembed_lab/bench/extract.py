@@ -11,9 +11,8 @@ from __future__ import annotations
 import csv
 import random
 import shutil
-import statistics
 import time
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -146,17 +145,40 @@ def extract_project(cfg: BenchConfig, progress: ProgressFile) -> dict:
     feature cache), is reported beside it: it pays a decode/resize/re-encode pass once per dataset, which
     other backbones, fine-tuning and the index then reuse. The one-time ONNX export of the backbone (cached
     per machine) is done before the clock starts and reported apart."""
-    from uniembed.data.prepare import prepare
-    from uniembed.features import extract as ext
-    from uniembed.models.registry import create_backbone
-    from uniembed_lab.bench.sysinfo import peak_rss_since_reset_mb, reset_peak_rss
-
     rows = select_images(cfg)
     csv_path = write_subset_csv(cfg, rows)
-    ds_dir = cfg.work_dir / "dataset"
-    feat_root = cfg.work_dir / "features"
+    engine, t_warm = _warm_up(cfg, rows, progress)
+    shutil.rmtree(cfg.work_dir / "dataset", ignore_errors=True)
+    shutil.rmtree(cfg.work_dir / "features", ignore_errors=True)
+    # Peak RSS of each phase of this process (the side's overall peak and process tree are measured by the
+    # parent); prepare's pool and extract's DataLoader workers are separate processes, not included here.
+    phase_peak: dict[str, float | None] = {}
+    shards = _shards_path(cfg, csv_path, len(rows), engine, progress, phase_peak)
+    files = _files_path(cfg, csv_path, progress, phase_peak)
+    return {
+        "figure": files.images / files.seconds,
+        "unit": "images/s",
+        "details": _project_details(cfg, engine, t_warm, shards, files, phase_peak),
+    }
 
-    # One-time costs, outside the clock: ONNX export into the cache, and the page cache of the files.
+
+@dataclass
+class _TimedPath:
+    """One timed project path: images it extracted, its phases' seconds, where the features went."""
+
+    images: int
+    seconds: float
+    feature_dir: Path
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    shard_count: int = 0
+
+
+def _warm_up(cfg: BenchConfig, rows: list[dict], progress: ProgressFile) -> tuple[str, float]:
+    """One-time costs, outside the clock: ONNX export into the cache, and the page cache of the files.
+    Returns (engine, seconds of the export)."""
+    from uniembed.features import extract as ext
+    from uniembed.models.registry import create_backbone
+
     progress.update(0, 3, "warm-up: ONNX export of the backbone (cached per machine)", force=True)
     t0 = time.perf_counter()
     bb = create_backbone(cfg.backbone)
@@ -169,248 +191,84 @@ def extract_project(cfg: BenchConfig, progress: ProgressFile) -> dict:
     # make_runner keeps the last session per process; drop it so each timed call below builds its own
     # session, as a fresh `uniembed extract` would.
     ext._RUNNERS.clear()
+    return engine, t_warm
 
-    shutil.rmtree(ds_dir, ignore_errors=True)
-    shutil.rmtree(feat_root, ignore_errors=True)
-    # Peak RSS of each phase of this process (the side's overall peak and process tree are measured by the
-    # parent); prepare's pool and extract's DataLoader workers are separate processes, not included here.
-    phase_peak: dict[str, float | None] = {}
-    progress.update(1, 3, f"prepare: {len(rows)} files -> shards", force=True)
+
+def _shards_path(
+    cfg: BenchConfig, csv_path: Path, n_rows: int, engine: str, progress: ProgressFile, phase_peak: dict
+) -> _TimedPath:
+    """``prepare`` (files -> shards) then ``extract`` (shards -> feature cache), each timed."""
+    from uniembed.data.prepare import prepare
+    from uniembed.features import extract as ext
+    from uniembed_lab.bench.sysinfo import peak_rss_since_reset_mb, reset_peak_rss
+
+    ds_dir = cfg.work_dir / "dataset"
+    progress.update(1, 3, f"prepare: {n_rows} files -> shards", force=True)
     reset_peak_rss()
     t0 = time.perf_counter()
     manifest = prepare([str(csv_path)], ds_dir, min_per_class=1, progress=False)
     t_prepare = time.perf_counter() - t0
     phase_peak["prepare"] = peak_rss_since_reset_mb()
-    if int(manifest["count"]) != len(rows):
-        raise RuntimeError(
-            f"prepare kept {manifest['count']} of {len(rows)} images: {manifest.get('skipped')}"
-        )
+    if int(manifest["count"]) != n_rows:
+        raise RuntimeError(f"prepare kept {manifest['count']} of {n_rows} images: {manifest.get('skipped')}")
 
     progress.update(2, 3, f"extract: shards -> features ({engine})", force=True)
     reset_peak_rss()
     t0 = time.perf_counter()
-    fdir = ext.extract(ds_dir, cfg.backbone, out_root=feat_root, threads=cfg.threads, progress=False)
+    result = ext.extract_with_stats(
+        ds_dir, cfg.backbone, out_root=cfg.work_dir / "features", threads=cfg.threads, progress=False
+    )
     t_extract = time.perf_counter() - t0
     phase_peak["extract"] = peak_rss_since_reset_mb()
-    stats = ext.LAST_STATS
-    n = int(stats.images)
+    n = int(result.stats.images)
+    phases = {"prepare": t_prepare, "extract": t_extract}
+    return _TimedPath(n, t_prepare + t_extract, result.path, phases, len(manifest["shards"]))
+
+
+def _files_path(cfg: BenchConfig, csv_path: Path, progress: ProgressFile, phase_peak: dict) -> _TimedPath:
+    """``extract_files`` (files -> feature cache, no shards), timed with a fresh session."""
+    from uniembed.features import extract as ext
+    from uniembed_lab.bench.sysinfo import peak_rss_since_reset_mb, reset_peak_rss
 
     progress.update(3, 3, "extract_files: files -> features (no shards)", force=True)
     ext._RUNNERS.clear()
     reset_peak_rss()
     t0 = time.perf_counter()
-    fdir_files = ext.extract_files(
-        [str(csv_path)], cfg.backbone, out_root=feat_root, threads=cfg.threads, progress=False
+    files_result = ext.extract_files_with_stats(
+        [str(csv_path)], cfg.backbone, out_root=cfg.work_dir / "features", threads=cfg.threads, progress=False
     )
     t_files = time.perf_counter() - t0
     phase_peak["extract_files"] = peak_rss_since_reset_mb()
-    n_files = int(ext.LAST_STATS.images)
-
-    total = t_prepare + t_extract
-    return {
-        "figure": n_files / t_files,
-        "unit": "images/s",
-        "details": {
-            "measured": "extract_files (`uniembed extract labels.csv`: files -> feature cache, no shards)",
-            "images": n_files,
-            "engine": engine,
-            "threads": cfg.threads,
-            "seconds_extract_files": t_files,
-            "shards_path_images_per_s": n / total,
-            "shards_path_note": "prepare (files -> WebDataset shards) + extract (shards -> feature cache)",
-            "extract_workers": ext.default_workers(len(manifest["shards"])),
-            "extract_batch_size": 64,
-            "prepare_workers": _prepare_workers(),
-            "seconds_prepare": t_prepare,
-            "seconds_extract": t_extract,
-            "seconds_prepare_plus_extract": total,
-            "images_per_s_extract_only": n / t_extract,
-            "images_per_s_prepare_only": n / t_prepare,
-            "feature_dir_files": str(fdir_files),
-            "one_time_warmup_s": t_warm,
-            "main_process_peak_rss_mb_by_phase": phase_peak,
-            "feature_dir": str(fdir),
-        },
-    }
+    n_files = int(files_result.stats.images)
+    return _TimedPath(n_files, t_files, files_result.path)
 
 
-def _prepare_workers() -> int:
-    from uniembed.data.prepare import default_workers
-
-    return default_workers()
-
-
-# ---------------------------------------------------------------------------------------------- profile
-def _time_each(items: list, fn: Callable, reps: int = 3) -> tuple[list, float]:
-    """Apply ``fn`` to each item; returns the outputs and the best-of-``reps`` total seconds (the best run
-    is the one least disturbed by other processes on a shared machine)."""
-    best = float("inf")
-    out: list = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = [fn(x) for x in items]
-        best = min(best, time.perf_counter() - t0)
-    return out, best
-
-
-def extract_profile(cfg: BenchConfig, progress: ProgressFile) -> dict:
-    """Where extraction time goes: each stage timed alone on the same images (ms per image).
-
-    Stages of the project's pipeline (prepare, then extract) and of the baseline loop. Single-threaded stage
-    timings are per process; the DataLoader runs decode in a worker while the model runs in the main
-    process, so the wall time is roughly the slowest of (decode work / workers) and (model + copy)."""
-    import io
-
-    import torch
-    from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor
-
-    from uniembed.data.images import encode_jpeg, load_image, resize_image
+def _project_details(
+    cfg: BenchConfig, engine: str, t_warm: float, shards: _TimedPath, files: _TimedPath, phase_peak: dict
+) -> dict:
+    """The extract measure's details block (extract.json): both paths, their phases, the settings."""
+    from uniembed.data.prepare import default_workers as prepare_workers
     from uniembed.features import extract as ext
-    from uniembed.models.registry import create_backbone
 
-    every = select_images(cfg)
-    # Every k-th image of the (path-sorted) subset keeps the JPEG/PNG mix of the whole subset.
-    rows = every[:: max(1, len(every) // cfg.profile_images)][: cfg.profile_images]
-    paths = [r["path"] for r in rows]
-    n = len(paths)
-    stages: dict[str, dict] = {}
-    steps = 16 + (1 if cfg.threads > 1 else 0)
-    step = 0
-
-    def record(group: str, name: str, seconds: float, note: str = "") -> None:
-        nonlocal step
-        stages.setdefault(group, {})[name] = {"ms_per_image": 1000 * seconds / n, "note": note}
-        step += 1
-        progress.update(step, steps, f"{group}: {name}", force=True)
-
-    torch.set_num_threads(1)  # per-image stages run single-threaded, as in a DataLoader worker
-    raw, t = _time_each(paths, lambda p: Path(p).read_bytes())
-    record("io", "read file bytes", t, "page cache warm")
-    # --- prepare (files -> shard JPEGs)
-    dec, t = _time_each(raw, load_image)
-    record("prepare", "decode original (load_image)", t)
-    rs, t = _time_each(dec, lambda im: resize_image(im, "longest", 336))
-    record("prepare", "resize longest 336 (bicubic)", t)
-    enc, t = _time_each(rs, lambda im: encode_jpeg(im, 95))
-    record("prepare", "encode JPEG q95", t)
-    # --- extract (shard JPEG -> model input), what a DataLoader worker does
-    bb = create_backbone(cfg.backbone)
-    pre = bb.preprocessor()
-    dec2, t = _time_each(enc, load_image)
-    record("extract_worker", "decode shard JPEG (load_image)", t)
-    with torch.no_grad():
-        ten, t = _time_each(dec2, lambda im: pil_to_tensor(im)[None])
-        record("extract_worker", "pil_to_tensor", t)
-        rsz, t = _time_each(ten, lambda x: pre.resize(x)[0].half())
-        record("extract_worker", "squash-resize to 224 (antialiased interpolate) + float16", t)
-    # --- main process: collate, copy, model
-    B = 64
-    # As in the pipeline: the worker stacks its batch (1 thread), the main process converts it for ONNX
-    # Runtime (numpy, float16 -> contiguous float32).
-    groups = [rsz[s : s + B] for s in range(0, n, B)]
-    stacked, t = _time_each(groups, torch.stack)
-    record("extract_worker", f"collate: torch.stack of {B} float16 images", t)
-    arrs, t = _time_each(stacked, lambda b: np.ascontiguousarray(b.numpy(), dtype=np.float32))
-    record("extract_main", "float16 -> float32 copy (numpy)", t)
-    torch.set_num_threads(cfg.threads)
-    runner = ext.make_runner(bb, "auto", threads=cfg.threads)
-    runner(arrs[0])  # warm-up: session arena and kernels for this batch shape
-    t0 = time.perf_counter()
-    outs = [runner(a) for a in arrs]
-    record(
-        "extract_main", f"model ({runner.engine}, {cfg.threads} threads, batch {B})", time.perf_counter() - t0
-    )
-    t0 = time.perf_counter()
-    _ = np.concatenate(outs).astype(np.float16)
-    record("extract_main", "features -> float16 array", time.perf_counter() - t0)
-    # Batch size matters on small CPUs: activations of big batches spill out of the caches.
-    allx = np.concatenate(arrs)
-    by_batch: dict[str, float] = {}
-    for bs in (8, 16, 32, 64):
-        if bs > len(allx):
-            break
-        x = allx[:bs]
-        runner(x)
-        best = min(_seconds(lambda x=x: runner(x)) for _ in range(3))
-        by_batch[str(bs)] = bs / best
-    step += 1
-    progress.update(step, steps, "model images/s by batch size", force=True)
-    # --- the baseline's stages
-    tf = baseline_transform()
-    model = baseline_model(cfg)
-    opened, t = _time_each(raw, lambda b: Image.open(io.BytesIO(b)).convert("RGB"))
-    record("baseline", "PIL decode + convert RGB", t)
-    resized, t = _time_each(opened, lambda im: tf.transforms[1](tf.transforms[0](im)))
-    record("baseline", "Resize(224) + CenterCrop (PIL)", t)
-    tens, t = _time_each(resized, lambda im: tf.transforms[3](tf.transforms[2](im)))
-    record("baseline", "ToTensor + Normalize", t)
-    torch.set_num_threads(cfg.threads)
-    bb_batches = [torch.stack(tens[s : s + cfg.batch_size]) for s in range(0, n, cfg.batch_size)]
-    with torch.no_grad():
-        model(bb_batches[0])  # warm-up: oneDNN primitives for this batch shape
-        t0 = time.perf_counter()
-        for b in bb_batches:
-            model(b)
-        record(
-            "baseline",
-            f"model (torch eager, {cfg.threads} threads, batch {cfg.batch_size})",
-            time.perf_counter() - t0,
-        )
-        if cfg.threads > 1:
-            # Eager torch's OpenMP threads spin-wait for each other; when other processes hold a core this
-            # collapses (several times slower than 1 thread). Shown so the baseline's figure can be judged.
-            torch.set_num_threads(1)
-            model(bb_batches[0])
-            t0 = time.perf_counter()
-            for b in bb_batches:
-                model(b)
-            record(
-                "baseline",
-                f"model (torch eager, 1 thread, batch {cfg.batch_size}) (reference)",
-                time.perf_counter() - t0,
-            )
-            torch.set_num_threads(cfg.threads)
-
-    flops = _model_flops(bb.module, pre.size)
-    model_ms = next(v["ms_per_image"] for k, v in stages["extract_main"].items() if k.startswith("model"))
-    worker_ms = sum(v["ms_per_image"] for v in stages["extract_worker"].values())
-    main_ms = sum(v["ms_per_image"] for v in stages["extract_main"].values())
-    prep_ms = sum(v["ms_per_image"] for v in stages["prepare"].values())
-    summary = {
-        "images": n,
-        "model_gflop_per_image": flops / 1e9 if flops else None,
-        "model_gflop_per_s_achieved": (flops / 1e9) / (model_ms / 1000) if flops else None,
-        "extract_worker_ms_per_image": worker_ms,
-        "extract_main_ms_per_image": main_ms,
-        "prepare_ms_per_image_one_core": prep_ms,
-        "bound": "model (main process)" if main_ms >= worker_ms else "decode+resize (DataLoader worker)",
-        "ideal_extract_images_per_s": 1000 / max(main_ms, worker_ms),
-        f"model_{runner.engine}_images_per_s_by_batch": by_batch,
-        "note": "stage times are measured alone; in the real pipeline worker and model share the cores",
+    n, t_prepare, t_extract = shards.images, shards.phase_seconds["prepare"], shards.phase_seconds["extract"]
+    return {
+        "measured": "extract_files (`uniembed extract labels.csv`: files -> feature cache, no shards)",
+        "images": files.images,
+        "engine": engine,
+        "threads": cfg.threads,
+        "seconds_extract_files": files.seconds,
+        "shards_path_images_per_s": n / shards.seconds,
+        "shards_path_note": "prepare (files -> WebDataset shards) + extract (shards -> feature cache)",
+        "extract_workers": ext.default_workers(shards.shard_count),
+        "extract_batch_size": 64,
+        "prepare_workers": prepare_workers(),
+        "seconds_prepare": t_prepare,
+        "seconds_extract": t_extract,
+        "seconds_prepare_plus_extract": shards.seconds,
+        "images_per_s_extract_only": n / t_extract,
+        "images_per_s_prepare_only": n / t_prepare,
+        "feature_dir_files": str(files.feature_dir),
+        "one_time_warmup_s": t_warm,
+        "main_process_peak_rss_mb_by_phase": phase_peak,
+        "feature_dir": str(shards.feature_dir),
     }
-    return {"figure": None, "unit": "ms/image", "details": {"stages": stages, "summary": summary}}
-
-
-def _seconds(fn: Callable) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _model_flops(module, size: int) -> float | None:
-    """Floating-point operations of one forward pass at ``size`` (torch's FLOP counter; 2 per MAC)."""
-    import torch
-
-    try:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            module(torch.zeros(1, 3, size, size))
-        return float(fc.get_total_flops())
-    except Exception:  # noqa: BLE001 - the profile is still useful without the FLOP count
-        return None
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")

@@ -82,7 +82,7 @@ def head_epoch_baseline(cfg: BenchConfig, progress: ProgressFile) -> dict:
     from uniembed.models.losses import build_loss
     from uniembed.models.registry import create_backbone
     from uniembed.train import TrainConfig
-    from uniembed.train.trainer import build_optimizer
+    from uniembed.train.optim import build_optimizer
 
     shared_path = cfg.work_dir / "head_epoch_project.json"
     if not shared_path.exists():

@@ -1,0 +1,355 @@
+"""Build an image index directory, or extend one (``--add``), from ``--images`` sources.
+
+The directory is written atomically: everything goes into a temp dir beside it, which replaces the old one
+in a rename only once complete, so a failed build leaves the previous index untouched. A collection-adapted
+index (``--adapt``) also holds ``features.npy``, ``projection.npz`` and ``query_model.pt`` (see adapt.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uniembed.core.fsutil import building_dir
+from uniembed.core.runtime import torch_threads
+from uniembed.export.embedder import Embedder, file_fingerprint, load_embedder, resolve_model_path
+from uniembed.serve.adapt_plan import AdaptPlan
+from uniembed.serve.errors import ImageIndexError
+from uniembed.serve.faiss_index import (
+    INDEX_TYPES,
+    apply_search_params,
+    choose_index_type,
+    default_params,
+    make_faiss_index,
+)
+from uniembed.serve.ingest import embed_records
+from uniembed.serve.items import ImageRecord, open_sources, write_items
+from uniembed.serve.store import INDEX_FILE, INFO_FILE, ITEMS_FILE, THUMBS_DIR, ImageIndex
+
+
+@dataclass
+class BuildResult:
+    """What ``build_index`` did, for the CLI summary and tests."""
+
+    out_dir: Path
+    count: int
+    added: int
+    skipped: list[dict[str, str]]
+    index_type: str
+    params: dict[str, int]
+    fingerprint: str
+    seconds: float
+    skipped_counts: dict[str, int] = field(default_factory=dict)
+    embedder: dict[str, Any] = field(default_factory=dict)  # engine, batching, threads (as in index.json)
+    adapt: dict[str, Any] | None = None  # the projection of a collection-adapted index (index.json "adapt")
+
+
+@dataclass
+class _Embedding:
+    """How the images get embedded: a fixed model file, or an adapted plan (backbone + projection)."""
+
+    plan: AdaptPlan | None
+    model_file: Path | None
+    fingerprint: str  # of the model file; an adapted build learns its own once the query model is written
+
+
+@dataclass
+class _NewRows:
+    """The rows this build adds and the model that produced them, as index.json records it."""
+
+    items: list[dict[str, str]]
+    vectors: np.ndarray
+    rebuild: np.ndarray | None  # all vectors, when the whole FAISS index must be rewritten
+    model_record: dict[str, Any]
+    fingerprint: str
+    adapt_info: dict[str, Any] | None
+
+
+@dataclass
+class _Assembled:
+    """The FAISS index to write and what index.json says about it."""
+
+    index: Any
+    items: list[dict[str, str]]
+    kind: str
+    params: dict[str, int]
+    dim: int
+    prev_skipped: list[dict[str, str]]
+
+
+def _link_or_copy_tree(src: Path, dst: Path) -> None:
+    """Hard-link old thumbnails into the new index (instant, no extra space); copy if links are refused."""
+    dst.mkdir(parents=True, exist_ok=True)
+    if not src.is_dir():
+        return
+    for p in src.iterdir():
+        try:
+            os.link(p, dst / p.name)
+        except OSError:
+            shutil.copy2(p, dst / p.name)
+
+
+def _existing_index(out_dir: Path, add: bool, index_type: str, refit: bool) -> ImageIndex | None:
+    """The index ``--add`` extends (None for a fresh build); refuses to overwrite a folder that is not one."""
+    old: ImageIndex | None = None
+    if add:
+        if not (out_dir / INFO_FILE).is_file():
+            raise ImageIndexError(f"--add: no index at {out_dir} to add to; build it first without --add")
+        old = ImageIndex.load(out_dir)
+        if index_type not in ("auto", old.info["index"]["type"]):
+            raise ImageIndexError(
+                f"--add keeps the existing index type {old.info['index']['type']!r}; "
+                f"rebuild without --add to switch to {index_type!r}"
+            )
+    elif out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / INFO_FILE).is_file():
+        raise ImageIndexError(f"{out_dir} exists and is not an index directory; refusing to overwrite it")
+    if refit and not add:
+        raise ImageIndexError("--refit refits an existing adapted index: use it with --add")
+    return old
+
+
+def _choose_embedding(
+    old: ImageIndex | None,
+    model_path: str | Path | None,
+    adapt: str | None,
+    backbone: Any,
+    pooling: str | None,
+    refit: bool,
+) -> _Embedding:
+    """Check the model options against each other and the old index before anything is embedded."""
+    from uniembed.serve import adapt as ad
+
+    try:
+        if adapt is not None or (old is not None and old.adapted):
+            return _Embedding(AdaptPlan.make(old, model_path, adapt, backbone, pooling, refit), None, "")
+        if refit:
+            raise ImageIndexError("--refit only applies to an index built with --adapt")
+        if backbone is not None:
+            raise ImageIndexError("--backbone is only used with --adapt (a collection-adapted index)")
+        if model_path is None:
+            raise ImageIndexError(
+                "give --model (a GUIE saved_model.pt), or --adapt SPEC --backbone NAME to fit a "
+                "collection-adapted projection"
+            )
+        model_file = resolve_model_path(model_path)
+        fingerprint = file_fingerprint(model_file)
+        if old is not None:
+            old.check_model(fingerprint)
+    except ad.AdaptError as e:
+        raise ImageIndexError(str(e)) from e
+    return _Embedding(None, model_file, fingerprint)
+
+
+def _load_embedder(how: _Embedding, batch_size: int, engine: str, threads: int) -> Embedder:
+    """The feature model of an adapted build, or the fixed model file."""
+    if how.plan is not None:
+        from uniembed.serve import adapt as ad
+
+        return ad.feature_embedder(how.plan.backbone, batch_size, engine=engine, threads=threads)
+    assert how.model_file is not None
+    return load_embedder(how.model_file, batch_size=batch_size, engine=engine, threads=threads)
+
+
+def _embed_new_images(
+    embedder: Embedder,
+    records: Iterator[ImageRecord],
+    total: int,
+    old: ImageIndex | None,
+    tmp: Path,
+    limit: int | None,
+    batch_size: int,
+    thumb_size: int,
+    workers: int | None,
+    progress: bool,
+) -> tuple[list[dict[str, str]], np.ndarray, list[dict[str, str]]]:
+    """(new items, their vectors, skip entries) for the records not yet indexed, with thumbnails in
+    ``tmp``; the old index's thumbnails are carried over first. Fails if a fresh build indexed nothing."""
+    thumbs = tmp / THUMBS_DIR
+    if old is not None:
+        _link_or_copy_tree(old.root / THUMBS_DIR, thumbs)
+    thumbs.mkdir(exist_ok=True)
+    known = {it["path"] for it in old.items} if old else set()
+    start_id = len(old) if old else 0
+    new_items, new, skipped, seen = embed_records(
+        embedder, records, total, limit, known, start_id, thumbs, batch_size, thumb_size, workers, progress
+    )
+    if not new_items and old is None:
+        counts = dict(Counter(s["reason"] for s in skipped))
+        raise ImageIndexError(f"no image could be indexed ({seen} seen; skipped: {counts or 'none'})")
+    return new_items, new, skipped
+
+
+def _finish_rows(
+    how: _Embedding,
+    items: list[dict[str, str]],
+    new: np.ndarray,
+    tmp: Path,
+    out_dir: Path,
+    old: ImageIndex | None,
+    threads: int,
+) -> _NewRows:
+    """Index vectors for the new rows; an adapted build fits (or keeps) its projection and query model."""
+    if how.plan is None:
+        assert how.model_file is not None
+        record = {"fingerprint": how.fingerprint, "path": str(how.model_file.resolve())}
+        return _NewRows(items, new, None, record, how.fingerprint, None)
+    from uniembed.serve import adapt as ad
+
+    try:
+        vectors, rebuild, fingerprint, adapt_info = how.plan.finish(tmp, old, new, threads)
+    except ad.AdaptError as e:
+        raise ImageIndexError(str(e)) from e
+    record = {"fingerprint": fingerprint, "path": str((out_dir / ad.QUERY_MODEL).resolve()), "adapted": True}
+    return _NewRows(items, vectors, rebuild, record, fingerprint, adapt_info)
+
+
+def _assemble(
+    old: ImageIndex | None, rows: _NewRows, index_type: str, params: dict[str, int] | None
+) -> _Assembled:
+    """A fresh FAISS index over the new rows, or the old one extended (rebuilt after a projection refit)."""
+    new = rows.vectors
+    if old is None:
+        kind = choose_index_type(len(new)) if index_type == "auto" else index_type
+        kind_params = default_params(kind, len(new), new.shape[1])
+        kind_params.update(params or {})
+        index = make_faiss_index(new, kind, kind_params)
+        return _Assembled(index, rows.items, kind, kind_params, int(new.shape[1]), [])
+    kind = old.info["index"]["type"]
+    kind_params = dict(old.info["index"].get("params", {}))
+    kind_params.update(params or {})
+    items = old.items + rows.items
+    prev_skipped = list(old.info.get("skipped", []))
+    if rows.rebuild is not None:
+        index = make_faiss_index(rows.rebuild, kind, kind_params)
+        return _Assembled(index, items, kind, kind_params, int(rows.rebuild.shape[1]), prev_skipped)
+    index = old.index
+    if new.shape[0] and new.shape[1] != old.dim:
+        raise ImageIndexError(f"model gives {new.shape[1]}-d vectors, index holds {old.dim}-d")
+    apply_search_params(index, kind, kind_params)
+    if new.shape[0]:
+        index.add(new)
+    return _Assembled(index, items, kind, kind_params, old.dim, prev_skipped)
+
+
+def _index_info(
+    built: _Assembled,
+    rows: _NewRows,
+    skipped: list[dict[str, str]],
+    old: ImageIndex | None,
+    index_type: str,
+    embedder: dict[str, Any],
+    thumb_size: int,
+    images: Sequence[str | Path],
+) -> dict[str, Any]:
+    """The contents of index.json."""
+    all_skipped = built.prev_skipped + skipped
+    info = {
+        "version": 1,
+        "model": rows.model_record,
+        "embedder": embedder,
+        "index": {
+            "type": built.kind,
+            "params": built.params,
+            "metric": "l2",
+            "requested": old.info["index"].get("requested", "auto") if old else index_type,
+        },
+        "count": len(built.items),
+        "dim": built.dim,
+        "thumb_size": thumb_size,
+        "sources": sorted({*(old.info.get("sources", []) if old else []), *(str(p) for p in images)}),
+        "skipped": all_skipped,
+        "skipped_counts": dict(Counter(s["reason"] for s in all_skipped)),
+        "created": old.info.get("created") if old else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if rows.adapt_info is not None:
+        info["adapt"] = rows.adapt_info
+    return info
+
+
+def _write_index(tmp: Path, built: _Assembled, info: dict[str, Any]) -> None:
+    """index.faiss, items.csv and index.json into the build folder."""
+    import faiss
+
+    faiss.write_index(built.index, str(tmp / INDEX_FILE))
+    write_items(tmp / ITEMS_FILE, built.items)
+    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+
+
+def build_index(
+    model_path: str | Path | None,
+    images: Sequence[str | Path] | str | Path,
+    out_dir: str | Path,
+    index_type: str = "auto",
+    add: bool = False,
+    batch_size: int = 32,
+    params: dict[str, int] | None = None,
+    limit: int | None = None,
+    domain: str = "",
+    thumb_size: int = 160,
+    workers: int | None = None,
+    progress: bool = True,
+    engine: str = "auto",
+    threads: int | None = None,
+    adapt: str | None = None,
+    backbone: Any = None,
+    pooling: str | None = None,
+    refit: bool = False,
+) -> BuildResult:
+    """Embed ``images`` with the model and write (or with ``add`` extend) a FAISS index at ``out_dir``.
+
+    Unreadable images are skipped and recorded with their reason. With ``add`` the existing vectors are kept
+    as they are (no re-embedding); the model must be the same file (fingerprint) the index was built with,
+    and paths already in the index are skipped as duplicates. ``engine``/``threads``: see
+    ``uniembed.export.embedder.load_embedder`` (``threads`` None: the cores not already busy).
+
+    Collection-adapted mode (``uniembed.serve.adapt``): ``adapt`` (``pca64``, ``pcaw64``, ``pcaw256@1``...)
+    with ``backbone`` (a name for ``create_backbone(name, pooling=pooling)``, or a ``Backbone``) and no
+    ``model_path``: the images are embedded by the frozen backbone, a projection is fitted on those features
+    and a query model is written into the index. ``add`` on an adapted index keeps its projection (no model
+    needed; ``backbone`` defaults to the stored one); ``add`` + ``refit`` refits on all stored features (with
+    ``adapt``: to that spec) and rewrites every vector and the query model.
+    """
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    if isinstance(images, (str, Path)):  # one source given bare
+        images = [images]
+    if index_type not in INDEX_TYPES:
+        raise ImageIndexError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+    old = _existing_index(out_dir, add, index_type, refit)
+    how = _choose_embedding(old, model_path, adapt, backbone, pooling, refit)
+    records, total = open_sources(images, domain=domain)
+    if limit is not None:
+        total = min(total, limit)
+    with torch_threads(threads) as n_threads, building_dir(out_dir) as tmp:
+        embedder = _load_embedder(how, batch_size, engine, n_threads)
+        new_items, new, skipped = _embed_new_images(
+            embedder, records, total, old, tmp, limit, batch_size, thumb_size, workers, progress
+        )
+        rows = _finish_rows(how, new_items, new, tmp, out_dir, old, n_threads)
+        built = _assemble(old, rows, index_type, params)
+        described = {**embedder.describe(), "threads": n_threads}
+        info = _index_info(built, rows, skipped, old, index_type, described, thumb_size, images)
+        _write_index(tmp, built, info)
+    return BuildResult(
+        out_dir=out_dir,
+        count=len(built.items),
+        added=len(new_items),
+        skipped=skipped,
+        index_type=built.kind,
+        params=built.params,
+        fingerprint=rows.fingerprint,
+        seconds=time.perf_counter() - t0,
+        skipped_counts=dict(Counter(s["reason"] for s in skipped)),
+        embedder=info["embedder"],
+        adapt=rows.adapt_info,
+    )

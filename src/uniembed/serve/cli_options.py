@@ -1,0 +1,169 @@
+"""The options of ``uniembed index`` (and the engine/threads options shared with search and serve), as
+reusable ``Annotated`` types, so the command functions stay short."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+INDEX_TYPE_HELP = (
+    "FAISS index type: 'auto' (exact 'flat' below 20k images, 'hnsw' up to 500k, 'ivf' beyond), 'flat' "
+    "(IndexFlatL2, exact), 'ivf' (IndexIVFFlat), 'ivfpq' (IndexIVFPQ, compressed), 'hnsw' (IndexHNSWFlat)."
+)
+
+EngineOption = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="How to run the model: 'auto' (the export's model.onnx in onnxruntime when export.json ties it "
+        "to this saved_model.pt and it agrees on probe images, else TorchScript), 'torch' (always the "
+        "TorchScript file), 'onnxruntime' (error if there is no verified model.onnx).",
+    ),
+]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="Intra-op CPU threads for the model (default: the cores not already busy, by load average).",
+    ),
+]
+
+# ----------------------------------------------------------------------------------------- uniembed index
+ImagesOption = Annotated[
+    list[Path],
+    typer.Option(
+        "--images",
+        "-i",
+        help="Images to index; repeatable. A "
+        "labels.csv (path,label,domain; paths relative to the CSV), a "
+        "folder holding labels.csv, a prepared shards folder "
+        "(manifest.json), a folder of images labelled by parent "
+        "folder name, or single image files.",
+    ),
+]
+OutOption = Annotated[
+    Path,
+    typer.Option("--out", "-o", help="Index directory to write (replaced atomically; with --add, extended)."),
+]
+IndexModelOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="GUIE TorchScript saved_model.pt (or the export folder holding it) used to embed the "
+        "images. Without it the index is collection-adapted (--adapt, default pcaw256 on "
+        "mobilenetv2+efficientnet_lite2): it fits and stores its own query model.",
+    ),
+]
+AdaptOption = Annotated[
+    str | None,
+    typer.Option(
+        "--adapt",
+        help="Collection-adapted index: embed the images with the frozen --backbone, fit a projection "
+        "on those features (no labels) and store it with a query model in the index. 'pca<D>' (PCA to D "
+        "dims), 'pcaw<D>' (PCA + square-root whitening), 'pcaw<D>@<power>' (whitening power in [0,1]; "
+        "1 = full whitening). D <= min(images, feature dim). With --add --refit: refit to this spec.",
+    ),
+]
+BackboneOption = Annotated[
+    str | None,
+    typer.Option(
+        "--backbone",
+        help="With --adapt: backbone computing the features (mobilenetv2, efficientnet_lite0/1/2, "
+        "timm:<name>, ...). With --add on an adapted index it defaults to the stored one.",
+    ),
+]
+PoolingOption = Annotated[
+    str | None,
+    typer.Option(
+        "--pooling", help="With --adapt: the backbone's pooling (avg, gem, avg+stages, ...; default avg)."
+    ),
+]
+RefitOption = Annotated[
+    bool,
+    typer.Option(
+        "--refit",
+        help="With --add on an adapted index: refit the projection on all stored features (old + new) "
+        "and rewrite every vector and the query model (without it, --add keeps the projection).",
+    ),
+]
+IndexTypeOption = Annotated[str, typer.Option("--type", "-t", help=INDEX_TYPE_HELP)]
+AddOption = Annotated[
+    bool,
+    typer.Option(
+        "--add",
+        help="Append the images to the existing index at --out without "
+        "re-embedding what is already there. Refuses a different model (its "
+        "fingerprint must match); paths already indexed are skipped.",
+    ),
+]
+BatchSizeOption = Annotated[
+    int,
+    typer.Option(
+        "--batch-size",
+        "-b",
+        min=1,
+        help="Images per model forward (images are resized by the model's own preprocessing first, so "
+        "sizes mix; for models without it, images of one size are batched together).",
+    ),
+]
+LimitOption = Annotated[
+    int | None, typer.Option("--limit", min=1, help="Index at most this many images (quick trials).")
+]
+DomainOption = Annotated[
+    str,
+    typer.Option(
+        "--domain",
+        help="Domain recorded for images from plain folders (labels.csv and shards carry their own).",
+    ),
+]
+ThumbSizeOption = Annotated[
+    int,
+    typer.Option(
+        "--thumb-size",
+        min=16,
+        max=1024,
+        help="Longest side of the stored thumbnails served by `uniembed serve`.",
+    ),
+]
+
+# ------------------------------------------------------------------------------- FAISS parameter overrides
+NlistOption = Annotated[
+    int | None, typer.Option("--nlist", min=1, help="IVF: number of inverted lists (default ~4*sqrt(N)).")
+]
+NprobeOption = Annotated[
+    int | None,
+    typer.Option(
+        "--nprobe",
+        min=1,
+        help="IVF: lists visited per query; higher = better recall, slower (default max(8, nlist/8)).",
+    ),
+]
+PqMOption = Annotated[
+    int | None,
+    typer.Option(
+        "--pq-m",
+        min=1,
+        help="IVFPQ: sub-quantizers; must divide the embedding dim (default 16 for 64-d).",
+    ),
+]
+PqBitsOption = Annotated[
+    int | None,
+    typer.Option("--pq-bits", min=1, max=16, help="IVFPQ: bits per sub-quantizer code (default 8)."),
+]
+HnswMOption = Annotated[
+    int | None, typer.Option("--hnsw-m", min=2, help="HNSW: graph neighbours per node (default 32).")
+]
+EfConstructionOption = Annotated[
+    int | None,
+    typer.Option("--ef-construction", min=1, help="HNSW: build-time search depth (default 80)."),
+]
+EfSearchOption = Annotated[
+    int | None,
+    typer.Option(
+        "--ef-search", min=1, help="HNSW: query-time search depth; higher = better recall (default 64)."
+    ),
+]

@@ -1,0 +1,150 @@
+"""What goes into an index: image records from ``--images`` sources, and the items.csv table they become.
+
+A source is a labels.csv, a folder holding labels.csv, a prepared shards folder (manifest.json), a plain
+folder of images labelled by parent folder name, or one image file (labelled the same way).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from uniembed.serve.errors import ImageIndexError
+
+ITEM_FIELDS = ["id", "path", "label", "domain", "source"]
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+@dataclass
+class ImageRecord:
+    """One image to index: where it came from (``path``), its label and domain, and how to read it."""
+
+    path: str
+    label: str
+    domain: str
+    source: str
+    file: Path | None = None  # read from disk ...
+    data: bytes | None = None  # ... or already in memory (shards)
+
+
+def _read_labels_csv(csv_path: Path) -> list[ImageRecord]:
+    """labels.csv rows (path,label[,domain]) via the shared reader; relative paths are relative to the CSV's
+    folder, and an empty domain stays empty in items.csv. A row without a path keeps the CSV's folder as its
+    path so it is reported as skipped ("empty path") rather than dropped."""
+    from uniembed.data.sources import DataError, read_labels_csv
+
+    try:
+        rows = read_labels_csv(csv_path, default_domain="")
+    except DataError as e:
+        raise ImageIndexError(str(e)) from e
+    return [
+        ImageRecord(
+            path=row.path or str(csv_path.parent),
+            label=row.label,
+            domain=row.domain,
+            source=str(csv_path),
+            file=Path(row.path) if row.path else None,
+        )
+        for row in rows
+    ]
+
+
+def _read_folder(root: Path, domain: str) -> list[ImageRecord]:
+    """Every image file under ``root`` (sorted), labelled by its parent folder's name."""
+    out = []
+    for p in sorted(root.rglob("*")):
+        if (
+            p.is_file()
+            and p.suffix.lower() in IMAGE_EXTENSIONS
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        ):
+            out.append(ImageRecord(path=str(p), label=p.parent.name, domain=domain, source=str(root), file=p))
+    return out
+
+
+def _iter_shards(ds_dir: Path) -> Iterator[ImageRecord]:
+    """Samples of a prepared WebDataset directory (design.md contract), with their original paths."""
+    from uniembed.data.shards import iter_samples
+    from uniembed.data.sources import DataError
+
+    try:
+        for s in iter_samples(ds_dir):
+            meta = s.meta or {}
+            yield ImageRecord(
+                path=str(meta.get("path") or f"{ds_dir}#{s.key}"),
+                label=str(meta.get("label", "")),
+                domain=str(meta.get("domain", "")),
+                source=str(ds_dir),
+                data=s.image_bytes,
+            )
+    except (
+        DataError,
+        OSError,
+        tarfile.TarError,
+    ) as e:  # a broken or missing shard: stop with the reason, not a tar traceback
+        raise ImageIndexError(f"cannot read prepared dataset {ds_dir}: {e}") from e
+
+
+def _shards_count(ds_dir: Path) -> int:
+    """The sample count a prepared shards folder's manifest announces (for the progress bar)."""
+    try:
+        manifest = json.loads((ds_dir / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ImageIndexError(f"{ds_dir / 'manifest.json'}: unreadable manifest: {e}") from e
+    return int(manifest.get("count", 0))
+
+
+def _source_records(p: Path, domain: str) -> tuple[Iterable[ImageRecord], int]:
+    """The records of one ``--images`` argument and how many there are."""
+    if p.is_file() and p.suffix.lower() == ".csv":
+        recs = _read_labels_csv(p)
+    elif p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+        recs = [ImageRecord(path=str(p), label=p.parent.name, domain=domain, source=str(p), file=p)]
+    elif p.is_dir() and (p / "manifest.json").is_file():
+        count = _shards_count(p)
+        return _iter_shards(p), count
+    elif p.is_dir() and (p / "labels.csv").is_file():
+        recs = _read_labels_csv(p / "labels.csv")
+    elif p.is_dir():
+        recs = _read_folder(p, domain)
+    else:
+        raise ImageIndexError(f"--images {p}: not a labels.csv, an image folder or a prepared shards folder")
+    return recs, len(recs)
+
+
+def open_sources(images: Sequence[str | Path], domain: str = "") -> tuple[Iterator[ImageRecord], int]:
+    """Turn ``--images`` arguments into one record stream and its length (for the progress bar).
+
+    Each argument is a labels.csv, a folder holding labels.csv, a prepared shards folder (manifest.json), a
+    plain folder of images labelled by parent folder name, or one image file (labelled the same way).
+    """
+    streams: list[Iterable[ImageRecord]] = []
+    total = 0
+    for arg in images:
+        recs, count = _source_records(Path(arg), domain)
+        streams.append(recs)
+        total += count
+
+    def chain() -> Iterator[ImageRecord]:
+        for s in streams:
+            yield from s
+
+    return chain(), total
+
+
+def read_items(path: Path) -> list[dict[str, str]]:
+    """The rows of an index's items.csv (row i describes FAISS id i)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def write_items(path: Path, items: Iterable[dict[str, str]]) -> None:
+    """Write an index's items.csv (id,path,label,domain,source)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=ITEM_FIELDS)
+        w.writeheader()
+        w.writerows(items)

@@ -1,0 +1,79 @@
+"""uniembed.core.fsutil: file hashes, atomic file writes and atomic folder replacement."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from uniembed.core.fsutil import atomic_path, atomic_write_text, building_dir, sha256_file
+
+
+def test_sha256_file(tmp_path: Path) -> None:
+    p = tmp_path / "f.bin"
+    data = bytes(range(256)) * 9000  # > one 1 MiB read chunk
+    p.write_bytes(data)
+    assert sha256_file(p) == hashlib.sha256(data).hexdigest()
+    assert sha256_file(p, chunk=7) == hashlib.sha256(data).hexdigest()
+
+
+def test_atomic_write_replaces_and_failure_keeps_old(tmp_path: Path) -> None:
+    p = tmp_path / "sub" / "report.md"
+    atomic_write_text(p, "one")
+    atomic_write_text(p, "two")
+    assert p.read_text() == "two"
+    with pytest.raises(RuntimeError), atomic_path(p) as tmp:
+        assert tmp.parent == p.parent and tmp.suffix == ".md" and tmp != p
+        tmp.write_text("half")
+        raise RuntimeError("writer crashed")
+    assert p.read_text() == "two"
+    assert sorted(x.name for x in p.parent.iterdir()) == ["report.md"], "temp file left behind"
+
+
+def test_building_dir_swaps_on_success_only(tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    with building_dir(out) as tmp:
+        (tmp / "a.txt").write_text("v1")
+        assert not out.exists()  # nothing visible until the block succeeds
+    assert (out / "a.txt").read_text() == "v1"
+
+    with pytest.raises(KeyboardInterrupt), building_dir(out) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise KeyboardInterrupt
+    assert (out / "a.txt").read_text() == "v1"
+
+    with building_dir(out) as tmp:
+        (tmp / "b.txt").write_text("v2")
+    assert sorted(x.name for x in out.iterdir()) == ["b.txt"]  # replaced, not merged
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["ds"], "temp or old folders left behind"
+
+
+def test_building_dir_check_can_refuse(tmp_path: Path) -> None:
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+
+    def refuse(d: Path) -> None:
+        raise ValueError(f"{d} is not ours")
+
+    with pytest.raises(ValueError, match="not ours"), building_dir(out, check=refuse) as tmp:
+        (tmp / "x").write_text("new")
+    assert (out / "keep.txt").read_text() == "mine"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["precious"]
+
+
+def test_atomic_outputs_honour_the_umask(tmp_path: Path) -> None:
+    """Temp files/folders are created private (mkstemp/mkdtemp); what lands under the final name must get the
+    permissions a plain write would, so a service account can read an exported model or index."""
+    import os
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with building_dir(tmp_path / "out") as tmp:
+            (tmp / "f").write_text("y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
