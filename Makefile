@@ -5,7 +5,7 @@ UE     := $(VENV)/bin/uniembed
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test test-fast lint demo model bench clean
+.PHONY: install system-deps test test-fast lint demo model bench fuzz soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -42,6 +42,15 @@ model: install
 
 bench: install
 	$(UE) bench
+
+# Property-based fuzz of image decoding and the upload endpoint at full size (make test runs a few hundred cases).
+fuzz: install
+	$(PY) -m uniembed_lab.fuzz --cases 2000
+
+# ~10 min: mixed good/bad uploads from several clients + `index --add` at the same time (SOAK_ARGS="--minutes 3").
+SOAK_ARGS ?=
+soak: install
+	$(PY) -m uniembed_lab.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf artifacts .pytest_cache .ruff_cache

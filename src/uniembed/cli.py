@@ -7,7 +7,8 @@ happen inside the commands so ``uniembed --help`` stays fast.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import entry_points
+from importlib.metadata import entry_points, version
+from typing import Annotated
 
 import typer
 
@@ -31,6 +32,26 @@ _COMMAND_MODULES = [
 #: Other installed packages add commands through this entry point group: ``register(app)`` callables. The lab
 #: (``uniembed_lab``: demo, model, bench) is one; the library itself never imports it.
 COMMAND_ENTRY_POINTS = "uniembed.commands"
+
+
+def _print_version(value: bool) -> None:
+    """``--version``: the installed distribution's version (the one a bug report needs), then exit."""
+    if value:
+        typer.echo(f"uniembed {version('uniembed')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the installed version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Options of ``uniembed`` itself (before any command)."""
+
 
 for _mod in _COMMAND_MODULES:
     importlib.import_module(_mod).register(app)

@@ -77,3 +77,17 @@ def test_atomic_outputs_honour_the_umask(tmp_path: Path) -> None:
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
+
+
+def test_a_swap_killed_between_its_renames_is_restored_by_the_next_build(tmp_path: Path) -> None:
+    """A kill after ``out -> .out.old-*`` but before ``tmp -> out`` leaves nothing under the name; the next
+    writer puts the old copy back first (so ``index --add`` finds its index) and then builds as usual."""
+    out = tmp_path / "index"
+    with building_dir(out) as tmp:
+        (tmp / "v").write_text("1")
+    out.rename(tmp_path / ".index.old-abc123")  # the state right after the first rename
+    with building_dir(out) as tmp:
+        assert (out / "v").read_text() == "1"  # restored before the new build starts
+        (tmp / "v").write_text("2")
+    assert (out / "v").read_text() == "2"
+    assert not list(tmp_path.glob(".index.*"))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from uniembed.data.images import BadImageError, encode_jpeg, load_image, resize_image
+from uniembed.data.images import BadImageError, TooManyPixelsError, encode_jpeg, load_image, resize_image
 
 
 def noisy_rgb(w: int = 64, h: int = 48, seed: int = 0) -> Image.Image:
@@ -181,3 +181,72 @@ def test_draft_decoding_of_large_jpeg_keeps_enough_pixels() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
     assert load_image(jpeg_bytes(big, exif=exif.tobytes()), draft_size=336).size == (375, 500)
+
+
+def test_pixel_budget_error_says_the_size() -> None:
+    with pytest.raises(TooManyPixelsError) as info:
+        load_image(bomb_png(9000, 9000), max_pixels=40_000_000)
+    assert info.value.size == (9000, 9000) and info.value.max_pixels == 40_000_000
+    assert info.value.reason == "decompression bomb"  # the reason prepare counts is unchanged
+    with pytest.raises(TooManyPixelsError) as info:  # over twice Pillow's own limit: refused at open
+        load_image(bomb_png(100_000, 100_000))
+    assert info.value.size is None
+
+
+def test_reduce_to_shrinks_each_axis_by_a_whole_factor() -> None:
+    im = Image.fromarray(np.kron(np.asarray(noisy_rgb(30, 20)), np.ones((100, 100, 1), dtype=np.uint8)))
+    data = png_bytes(im)  # 3000 x 2000, blocks of 100 x 100 pixels of one colour
+    out = load_image(data, reduce_to=256)
+    assert out.mode == "RGB" and out.size == (273, 286)  # 3000 / 11 and 2000 / 7, rounded up
+    assert load_image(data, reduce_to=4000).size == (3000, 2000)  # never enlarged
+    assert load_image(data, reduce_to=1000).size == (1000, 1000)  # squashed: the model squares it anyway
+    # A box filter: a pixel well inside a block keeps that block's colour.
+    assert tuple(np.asarray(out)[150, 140]) == tuple(np.asarray(im)[1050, 1545])  # rows 1050-56, cols 1540-50
+    tall = png_bytes(Image.new("RGB", (100, 40_000), (10, 200, 30)))
+    assert load_image(tall, reduce_to=64).size == (100, 64)  # any aspect ratio: area < 4 * side^2
+
+
+def test_reduce_to_keeps_colours_of_special_modes() -> None:
+    ramp = np.tile(np.linspace(0, 65535, 2000).astype(np.uint16), (500, 1))
+    arr = np.asarray(load_image(png_bytes(Image.fromarray(ramp)), reduce_to=100))
+    assert arr.shape == (100, 100, 3)
+    assert arr[:, 0].max() <= 2 and arr[:, -1].min() >= 253 and 100 < arr.mean() < 155  # rescaled 16-bit
+    pal = Image.new("P", (1000, 1000), 0)
+    pal.putpalette([0, 0, 255] + [255, 0, 0] + [0] * 762)
+    pal.paste(1, (0, 0, 500, 1000))  # left half red, right half index 0 (blue) made transparent
+    arr = np.asarray(load_image(png_bytes(pal, transparency=0), reduce_to=100))
+    assert arr.shape == (100, 100, 3)
+    assert tuple(arr[50, 20]) == (255, 0, 0) and tuple(arr[50, 80]) == (255, 255, 255)
+    bilevel = Image.new("1", (800, 800), 1)
+    assert tuple(np.asarray(load_image(png_bytes(bilevel), reduce_to=100))[5, 5]) == (255, 255, 255)
+
+
+def test_reduce_to_keeps_exif_orientation_and_drafts_jpeg() -> None:
+    big = Image.fromarray(np.kron(np.asarray(noisy_rgb(40, 30)), np.ones((50, 50, 1), dtype=np.uint8)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    data = jpeg_bytes(big, exif=exif.tobytes())  # 2000 x 1500 stored, 1500 x 2000 shown
+    assert load_image(data).size == (1500, 2000)
+    # Drafted to 1/4 (500 x 375), then reduced to 250 x 187 (factors 2 and 2), then turned upright.
+    assert load_image(data, reduce_to=160).size == (188, 250)
+    png = Image.new("RGB", (1200, 600))
+    png_exif = Image.Exif()
+    png_exif[0x0112] = 8
+    assert load_image(png_bytes(png, exif=png_exif.tobytes()), reduce_to=100).size == (100, 100)
+    assert load_image(png_bytes(png, exif=png_exif.tobytes()), reduce_to=400).size == (600, 400)
+
+
+def test_jpeg_header_without_its_data_is_refused_before_decoding() -> None:
+    """A 9000x9000 SOF over a few KB of scan data would decode to 81 MP of grey padding (2 s, +616 MiB);
+    it is refused as truncated. A real flat-colour JPEG of that size (about 64 pixels a byte) still loads."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, format="JPEG")
+    small = buf.getvalue()
+    sof = small.index(b"\xff\xc0")
+    forged = small[: sof + 5] + struct.pack(">HH", 9000, 9000) + small[sof + 9 :]
+    with pytest.raises(BadImageError) as e:
+        load_image(forged)
+    assert e.value.reason == "truncated" and "9000x9000" in str(e.value)
+    buf = io.BytesIO()
+    Image.new("RGB", (3000, 3000), (255, 255, 255)).save(buf, format="JPEG", quality=10)
+    assert load_image(buf.getvalue()).size == (3000, 3000)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import shutil
+import socket
 import struct
 import zlib
 from pathlib import Path
@@ -19,6 +20,7 @@ from uniembed.cli import app as cli_app
 from uniembed.export.embedder import file_fingerprint, load_embedder
 from uniembed.serve.app import create_app, sniff_image_type
 from uniembed.serve.index import ModelMismatchError, build_index
+from uniembed.serve.limits import MAX_K
 from uniembed_lab.scaffold.tiny_model import make_synthetic_images, make_tiny_model
 
 
@@ -159,7 +161,16 @@ BAD_UPLOADS = [  # files, form data, headers, raw body, expected status, expecte
     (None, {"image": "not a file"}, None, None, 400, "must be a file"),
     (None, None, {"content-type": "application/json"}, b'{"image": 1}', 415, "unsupported request type"),
     (None, None, {"content-type": "text/plain"}, b"hi", 415, "unsupported request type"),
-    (None, None, {"content-type": "image/png"}, b"", 400, "empty"),
+    (None, None, {"content-type": "image/png"}, b"", 400, "no image: send the file as multipart/form-data"),
+    (None, None, {}, b"", 400, "no image: send the file as multipart/form-data field 'image'"),
+    (
+        [("image", ("a.jpg", jpeg_bytes(), "image/jpeg")), ("image", ("b.jpg", jpeg_bytes(), "image/jpeg"))],
+        None,
+        None,
+        None,
+        422,
+        "send one image per request; got 2 'image' fields",
+    ),
     ({"image": ("a.jpg", jpeg_bytes(), "image/jpeg")}, {"k": "0"}, None, None, 422, "k must be between"),
     ({"image": ("a.jpg", jpeg_bytes(), "image/jpeg")}, {"k": "999"}, None, None, 422, "k must be between"),
     (
@@ -170,7 +181,23 @@ BAD_UPLOADS = [  # files, form data, headers, raw body, expected status, expecte
         422,
         "k must be an integer",
     ),
-    ({"image": ("a.png", png_bomb(), "image/png")}, None, None, None, 413, "decompression bomb"),
+    # Pixels over the budget: 422 about pixels (413 is for bytes only), refused from the header alone.
+    (
+        {"image": ("a.png", png_bomb(9000, 9000), "image/png")},
+        None,
+        None,
+        None,
+        422,
+        "image is 9000x9000 = 81.0 MP; this server accepts at most 40.0 MP (--max-pixels)",
+    ),
+    (
+        {"image": ("a.png", png_bomb(), "image/png")},
+        None,
+        None,
+        None,
+        422,
+        "MP (a decompression bomb); this server accepts at most 40.0 MP (--max-pixels)",
+    ),
 ]
 
 
@@ -276,7 +303,7 @@ def test_refuses_a_different_model(env: dict[str, Path]) -> None:
     )
     assert r.exit_code == 2
     assert "not starting" in r.output and "fingerprint" in r.output
-    r = CliRunner().invoke(cli_app, ["serve", "--index", str(env["root"] / "nope")])
+    r = CliRunner().invoke(cli_app, ["serve", "--index", str(env["root"] / "nope"), "--port", "0"])
     assert r.exit_code == 2 and "not an index directory" in r.output
 
 
@@ -309,3 +336,36 @@ def test_internal_failure_is_one_500_not_a_dead_server(
     assert c.get("/health").status_code == 200
     r = c.post("/search", files={"image": ("q.png", env["query"].read_bytes(), "image/png")})
     assert r.status_code == 200
+
+
+def test_health_reports_the_limits(client: TestClient) -> None:
+    h = client.get("/health").json()
+    assert h["max_megapixels"] == 40.0 and h["max_k"] == 20 and h["max_upload_mb"] == 0.25
+    assert h["max_concurrent"] >= 1 and h["busy"] == 0 and h["waiting"] == 0
+
+
+def test_search_cli_k_has_the_servers_limit(env: dict[str, Path]) -> None:
+    """`search -k` over the limit fails with the server's message instead of returning the whole index."""
+    q = str(env["query"])
+    for k in (str(MAX_K + 1), "100000", "0"):
+        r = CliRunner().invoke(cli_app, ["search", "--index", str(env["index"]), "-k", k, q])
+        assert r.exit_code == 2, r.output
+        assert f"k must be between 1 and {MAX_K}, got {k}" in r.output
+    r = CliRunner().invoke(cli_app, ["search", "--index", str(env["index"]), "-k", str(MAX_K), "--json", q])
+    assert r.exit_code == 0, r.output
+    c = TestClient(create_app(env["index"], env["model"], warmup=False))
+    r = c.post("/search", files={"image": ("q.png", env["query"].read_bytes())}, data={"k": str(MAX_K + 1)})
+    assert r.status_code == 422 and f"k must be between 1 and {MAX_K}, got {MAX_K + 1}" in r.json()["detail"]
+
+
+def test_serve_on_a_busy_port_fails_before_serving(env: dict[str, Path]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        args = ["serve", "--index", str(env["index"]), "--model", str(env["model"]), "--port", str(port)]
+        r = CliRunner().invoke(cli_app, args)
+    assert r.exit_code == 2, r.output
+    assert f"cannot listen on 127.0.0.1:{port}" in r.output and "address already in use" in r.output.lower()
+    assert "serving" not in r.output
+    assert len(r.output.strip().splitlines()) == 1

@@ -109,10 +109,27 @@ def swap_dir_into_place(
     shutil.rmtree(old, ignore_errors=True)
 
 
+def restore_interrupted_swap(out_dir: str | Path) -> Path | None:
+    """Put back the previous ``out_dir`` when a process died between the two renames of
+    :func:`swap_dir_into_place` (the old copy then sits in ``.NAME.old-*`` and nothing is under the name).
+    Only writers call this: a reader doing it could race a live swap. Returns the folder restored, if any."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() or not out_dir.parent.is_dir():
+        return None
+    olds = sorted(out_dir.parent.glob(f".{out_dir.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not olds:
+        return None
+    os.replace(olds[-1], out_dir)
+    for stale in olds[:-1]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return out_dir
+
+
 @contextlib.contextmanager
 def building_dir(out_dir: str | Path, check: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Build a replacement for ``out_dir`` in a temp folder beside it; swap it in on success, delete it on
     error (also on Ctrl-C), so a failed run leaves the previous output untouched."""
+    restore_interrupted_swap(out_dir)
     tmp = make_tmp_dir(out_dir)
     try:
         yield tmp

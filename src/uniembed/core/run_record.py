@@ -13,11 +13,18 @@ from typing import Any
 
 import torch
 
+from uniembed.core.integrity import DamagedFileError, short_reason
+
 HEAD_FILE = "head.pt"
 
 
-class RunRecordError(ValueError):
-    """``head.pt`` is missing or is not a record written by ``uniembed train``."""
+class RunRecordError(DamagedFileError):
+    """``head.pt`` is damaged or is not a record written by ``uniembed train`` (a ``ValueError``)."""
+
+
+def retrain_hint(run: str | Path) -> str:
+    """What to do about a damaged run record."""
+    return f"train the run again (`uniembed train ... --out {run} --overwrite`) or restore it from a copy"
 
 
 @dataclass
@@ -58,6 +65,8 @@ class HeadRecord:
     def from_dict(cls, d: dict[str, Any], source: str = "head.pt") -> HeadRecord:
         if not isinstance(d, dict) or "head_config" not in d or "state_dict" not in d:
             raise RunRecordError(f"{source} is not a head.pt written by `uniembed train`")
+        if not isinstance(d["head_config"], dict) or not isinstance(d["state_dict"], dict):
+            raise RunRecordError(f"{source} is damaged (head_config or state_dict is not a table)")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         if known.get("pooling") is None:
@@ -69,8 +78,9 @@ class HeadRecord:
         from uniembed.core.fsutil import atomic_path
 
         path = Path(path)
-        with atomic_path(path) as tmp:
-            torch.save(self.to_dict(), tmp)
+        # Through a file object: torch.save(path) names the archive inside after the (random) temp file.
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(self.to_dict(), f)
         return path
 
     @classmethod
@@ -83,5 +93,7 @@ class HeadRecord:
         try:
             d = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated or not a torch file
-            raise RunRecordError(f"{p} cannot be read as a head.pt ({type(e).__name__}: {e})") from e
+            raise RunRecordError(
+                f"{p} cannot be read as a head.pt ({short_reason(e)}); {retrain_hint(p.parent)}"
+            ) from e
         return cls.from_dict(d, str(p))

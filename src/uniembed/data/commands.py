@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from uniembed.core.interrupt import RESTART_HINT, exit_on_interrupt
+
 SOURCES_HELP = "Image sources, each KIND:PATH[:key=value...]; kinds are listed above."
 
 
@@ -78,20 +80,21 @@ def prepare_command(
     from uniembed.data.sources import DataError
 
     try:
-        prepare(
-            sources,
-            out,
-            resize=resize.value,
-            size=size,
-            min_per_class=min_per_class,
-            cap_per_source=cap_per_source,
-            seed=seed,
-            shard_size=shard_size,
-            workers=workers,
-            default_domain=domain,
-            force=force,
-            progress=not quiet,
-        )
+        with exit_on_interrupt(RESTART_HINT):
+            prepare(
+                sources,
+                out,
+                resize=resize.value,
+                size=size,
+                min_per_class=min_per_class,
+                cap_per_source=cap_per_source,
+                seed=seed,
+                shard_size=shard_size,
+                workers=workers,
+                default_domain=domain,
+                force=force,
+                progress=not quiet,
+            )
     except DataError as e:
         typer.secho(f"Error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None

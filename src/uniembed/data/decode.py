@@ -59,8 +59,16 @@ def _iter_decoded(jobs: list[DecodeJob], workers: int) -> Iterator[DecodeResult]
         return
     ctx = mp.get_context("spawn")
     chunk = max(1, min(64, len(jobs) // (workers * 8)))
-    with ctx.Pool(workers) as pool:
+    with ctx.Pool(workers, initializer=_ignore_sigint) as pool:
         yield from pool.imap(_decode_job, jobs, chunksize=chunk)
+
+
+def _ignore_sigint() -> None:
+    """Pool workers leave Ctrl-C to the parent (it prints one line and exits 130); otherwise each worker
+    prints its own KeyboardInterrupt traceback first."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def default_workers() -> int:

@@ -26,6 +26,18 @@ BACKGROUND = (255, 255, 255)
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+#: Modes whose pixels ``Image.reduce`` may average as they are (not palette indices, 1-bit or 16-bit data).
+_REDUCIBLE_MODES = {"L", "LA", "La", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr", "LAB", "I", "F"}
+#: EXIF orientation -> the transpose that shows the image upright (what ``ImageOps.exif_transpose`` applies).
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class BadImageError(ValueError):
@@ -35,6 +47,19 @@ class BadImageError(ValueError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class TooManyPixelsError(BadImageError):
+    """More pixels than the caller's budget (reason ``decompression bomb``, as before): a subclass so a
+    service can say how many pixels it got and how many it accepts. ``size`` is None when Pillow refused
+    the image at open (over twice its own limit), before the size could be read."""
+
+    def __init__(self, size: tuple[int, int] | None, max_pixels: int, detail: str = "") -> None:
+        self.size = size
+        self.max_pixels = max_pixels
+        if not detail and size is not None:
+            detail = f"{size[0]}x{size[1]} exceeds {max_pixels} pixels"
+        super().__init__("decompression bomb", detail)
 
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview
@@ -84,20 +109,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(
-    src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
-) -> Image.Image:
-    """Decode ``src`` (a path or the file's bytes) into an upright RGB image, or raise ``BadImageError``.
+#: A JPEG with fewer bytes than (pixels / this) is a header without its image data.
+JPEG_MIN_PIXELS_PER_BYTE = 1000
 
-    Reasons: ``missing file``, ``unreadable file``, ``empty file``, ``not an image``, ``decompression bomb``,
-    ``truncated``, ``corrupt image``.
-    ``draft_size``: the caller will shrink the image to about this side anyway, so a large JPEG may be decoded
-    at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling; both sides stay >= draft_size): several times faster on
-    multi-megapixel photos.
-    """
-    data = _read_bytes(src)
-    if len(data) == 0:
-        raise BadImageError("empty file")
+
+def _decode(data: bytes, max_pixels: int, draft_size: int | None) -> Image.Image:
+    """Open and decode the bytes; an image over ``max_pixels`` is refused from its header, before decoding."""
     try:
         with warnings.catch_warnings():
             # We apply our own pixel limit below; Pillow's warning would only be noise.
@@ -107,14 +124,19 @@ def load_image(
             if w <= 0 or h <= 0:
                 raise BadImageError("corrupt image", f"size {w}x{h}")
             if w * h > max_pixels:
-                raise BadImageError("decompression bomb", f"{w}x{h} exceeds {max_pixels} pixels")
+                raise TooManyPixelsError((w, h), max_pixels)
+            if im.format == "JPEG" and len(data) * JPEG_MIN_PIXELS_PER_BYTE < w * h:
+                # libjpeg pads missing scan data with grey and Pillow does not call it truncated, so a 22 KB
+                # file claiming 9000x9000 would decode to 81 MP (2 s, +616 MiB measured). Even a flat colour
+                # needs a few bits per 8x8 block, i.e. well over one byte per 1,000 pixels.
+                raise BadImageError("truncated", f"{len(data)} bytes cannot hold a {w}x{h} JPEG")
             if draft_size and im.format == "JPEG":
                 im.draft(None, (draft_size, draft_size))
             im.load()
     except BadImageError:
         raise
     except Image.DecompressionBombError as e:
-        raise BadImageError("decompression bomb", str(e)) from e
+        raise TooManyPixelsError(None, max_pixels, str(e)) from e
     except UnidentifiedImageError as e:
         raise BadImageError("not an image") from e
     except OSError as e:
@@ -124,13 +146,73 @@ def load_image(
         raise BadImageError("corrupt image", msg) from e
     except (SyntaxError, ValueError, TypeError, IndexError, struct.error, EOFError, MemoryError) as e:
         raise BadImageError("corrupt image", f"{type(e).__name__}: {e}") from e
+    return im
 
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1 = upright; also for a missing or broken EXIF block)."""
     try:
-        im = ImageOps.exif_transpose(im)
+        return int(im.getexif().get(0x0112, 1))
     except Exception:  # noqa: BLE001 - a broken EXIF block must not cost us an otherwise fine image
-        pass
+        return 1
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (phone photos stored sideways)."""
     try:
-        rgb = _to_rgb(im)
+        return ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not cost us an otherwise fine image
+        return im
+
+
+def _reduce_upright(im: Image.Image, side: int) -> Image.Image:
+    """``_reduce``, then the EXIF orientation read from the full image (the reduced copy has no EXIF)."""
+    orientation = _orientation(im)
+    im = _reduce(im, side)
+    return im.transpose(_ORIENTATION[orientation]) if orientation in _ORIENTATION else im
+
+
+def _reduce(im: Image.Image, side: int) -> Image.Image:
+    """Shrink by a whole factor per axis (a box filter, ``Image.reduce``) keeping both sides >= ``side``.
+
+    The model squash-resizes to a square anyway, so each axis is reduced on its own: the result has fewer than
+    4 * side^2 pixels at any aspect ratio.
+    """
+    w, h = im.size
+    fx, fy = max(1, w // side), max(1, h // side)
+    if fx == 1 and fy == 1:
+        return im
+    if im.mode.startswith("I;16"):
+        im = im.convert("I")  # 16-bit values averaged as 32-bit ints; _to_rgb rescales them afterwards
+    elif im.mode not in _REDUCIBLE_MODES:
+        im = _to_rgb(im)  # palette indices or 1-bit pixels cannot be averaged
+    return im.reduce((fx, fy))
+
+
+def load_image(
+    src: ImageSource,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+    reduce_to: int | None = None,
+) -> Image.Image:
+    """Decode ``src`` (a path or the file's bytes) into an upright RGB image, or raise ``BadImageError``.
+
+    Reasons: ``missing file``, ``unreadable file``, ``empty file``, ``not an image``, ``decompression bomb``
+    (a ``TooManyPixelsError``: more than ``max_pixels``), ``truncated``, ``corrupt image``.
+    ``draft_size``: the caller will shrink the image to about this side anyway, so a large JPEG may be decoded
+    at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling; both sides stay >= draft_size): several times faster on
+    multi-megapixel photos.
+    ``reduce_to``: the caller only needs about this many pixels a side and squashes to a square (a model's
+    input): JPEGs are drafted to it and any image is then reduced per axis right after decoding (see
+    ``_reduce``), so no full-resolution copy outlives this call. Other formats are still decoded at full size
+    once (Pillow has no scaled decoding for them): ``max_pixels`` is what bounds that.
+    """
+    data = _read_bytes(src)
+    if len(data) == 0:
+        raise BadImageError("empty file")
+    im = _decode(data, max_pixels, draft_size or reduce_to)
+    try:
+        rgb = _to_rgb(_reduce_upright(im, reduce_to) if reduce_to else _upright(im))
     except (OSError, ValueError) as e:
         raise BadImageError("corrupt image", f"cannot convert mode {im.mode}: {e}") from e
     rgb.load()

@@ -9,15 +9,29 @@ of pipeline machinery, so a DataLoader can hand each worker its own ``shard_path
 from __future__ import annotations
 
 import json
+import lzma
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from uniembed.core.integrity import DamagedFileError, read_json_object, reading
 from uniembed.data.sources import DataError
 
 MANIFEST_NAME = "manifest.json"
+#: What the tar reader raises on a truncated or garbled shard (stream mode detects the compression itself).
+_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, ValueError)
+
+
+class DamagedDataError(DataError, DamagedFileError):
+    """A prepared dataset's manifest or shard is missing, truncated or garbled: prepare it again."""
+
+
+def reprepare_hint(ds_dir: str | Path) -> str:
+    """What to do about a damaged prepared dataset."""
+    return f"prepare it again with `uniembed prepare SOURCES --out {ds_dir} --force`"
 
 
 @dataclass(frozen=True)
@@ -31,16 +45,18 @@ class Sample:
 
 
 def load_manifest(ds_dir: str | Path) -> dict:
-    """The dataset's manifest; a clear ``DataError`` when the folder is not a finished prepared dataset."""
+    """The dataset's manifest; a clear ``DataError`` when the folder is not a finished prepared dataset, a
+    ``DamagedDataError`` (one line, what to do) when the manifest is unreadable or lacks its shard list."""
     path = Path(ds_dir) / MANIFEST_NAME
     if not path.is_file():
         raise DataError(
             f"{ds_dir} is not a prepared dataset (no {MANIFEST_NAME}); run `uniembed prepare` first"
         )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON: {e}") from e
+    manifest = read_json_object(path, reprepare_hint(ds_dir), DamagedDataError)
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, str) for s in shards):
+        raise DamagedDataError(f"{path} is damaged (no valid 'shards' list); {reprepare_hint(ds_dir)}")
+    return manifest
 
 
 def shard_paths(ds_dir: str | Path) -> list[Path]:
@@ -49,35 +65,51 @@ def shard_paths(ds_dir: str | Path) -> list[Path]:
     paths = [ds / name for name in load_manifest(ds)["shards"]]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise DataError(f"{len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}")
+        raise DamagedDataError(
+            f"{len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}; "
+            f"{reprepare_hint(ds)}"
+        )
     return paths
 
 
-def iter_shard(path: str | Path) -> Iterator[Sample]:
-    """Samples of one tar shard in stored order."""
-    key: str | None = None
-    parts: dict[str, bytes] = {}
+def _sample(path: str | Path, key: str | None, parts: dict[str, bytes]) -> Sample:
+    """One sample from its tar members; its .json must be an object."""
+    if "jpg" not in parts or "json" not in parts:
+        raise DataError(f"{path}: sample {key} lacks a .jpg or .json member (has {sorted(parts)})")
+    meta = json.loads(parts["json"])
+    if not isinstance(meta, dict):
+        raise ValueError(f"sample {key}: metadata is {type(meta).__name__}, not an object")
+    return Sample(str(key), parts["jpg"], meta)
 
-    def emit() -> Sample:
-        if "jpg" not in parts or "json" not in parts:
-            raise DataError(f"{path}: sample {key} lacks a .jpg or .json member (has {sorted(parts)})")
-        return Sample(str(key), parts["jpg"], json.loads(parts["json"]))
 
+def _members(path: str | Path) -> Iterator[tuple[str, str, bytes]]:
+    """``(key, extension, bytes)`` of each file member of a tar shard, in stored order."""
     with tarfile.open(path, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
                 continue
             name = member.name.rsplit("/", 1)[-1]
             k, _, ext = name.partition(".")
-            if key is not None and k != key:
-                yield emit()
-                parts = {}
-            key = k
             f = tar.extractfile(member)
             assert f is not None
-            parts[ext] = f.read()
-    if key is not None:
-        yield emit()
+            yield k, ext, f.read()
+
+
+def iter_shard(path: str | Path) -> Iterator[Sample]:
+    """Samples of one tar shard in stored order; a truncated or garbled shard raises ``DamagedDataError``
+    naming it (samples before the damage have been yielded by then)."""
+    key: str | None = None
+    parts: dict[str, bytes] = {}
+    fix = reprepare_hint(Path(path).parent)
+    with reading(path, fix, DamagedDataError, what="is a damaged shard", catch=_TAR_ERRORS):
+        for k, ext, data in _members(path):
+            if key is not None and k != key:
+                yield _sample(path, key, parts)
+                parts = {}
+            key = k
+            parts[ext] = data
+        if key is not None:
+            yield _sample(path, key, parts)
 
 
 def iter_samples(ds_dir: str | Path, shards: Iterable[str | Path] | None = None) -> Iterator[Sample]:

@@ -113,23 +113,26 @@ def run_evaluate(
     """``uniembed evaluate``: score, print the table, say what was written (exit 2 on bad input)."""
     from rich.console import Console
 
+    from uniembed.core.integrity import DamagedFileError
+    from uniembed.core.interrupt import RESTART_HINT, exit_on_interrupt
     from uniembed.eval.evaluate import EvalError, evaluate
     from uniembed.export.embedder import ModelError
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     try:
-        res = evaluate(
-            source,
-            data,
-            out,
-            split=split,
-            domains=_split_csv(domains) or None,
-            compare=_split_csv(compare),
-            batch_size=batch_size,
-            grid_queries=grid_queries,
-            progress=not quiet,
-        )
-    except (EvalError, ModelError, FileNotFoundError) as e:
+        with exit_on_interrupt(RESTART_HINT):
+            res = evaluate(
+                source,
+                data,
+                out,
+                split=split,
+                domains=_split_csv(domains) or None,
+                compare=_split_csv(compare),
+                batch_size=batch_size,
+                grid_queries=grid_queries,
+                progress=not quiet,
+            )
+    except (EvalError, ModelError, DamagedFileError, FileNotFoundError) as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2) from None
     Console().print(_results_table(res))

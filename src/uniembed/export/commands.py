@@ -82,6 +82,7 @@ def run_export(
     """``uniembed export``: exit 2 on bad input, 1 when the export fails or parity does not hold."""
     from rich.console import Console
 
+    from uniembed.core.interrupt import RESTART_HINT, exit_on_interrupt
     from uniembed.export.guie import export_guie
     from uniembed.export.parity import ParityError
 
@@ -91,14 +92,15 @@ def run_export(
         raise typer.Exit(2)
     dest = out or run_dir / "export"
     try:
-        rec = export_guie(
-            run_dir,
-            dest,
-            onnx=onnx,
-            parity_images=parity_images,
-            photos=[str(p) for p in photos] if photos else None,
-            check_parity=not no_parity,
-        )
+        with exit_on_interrupt(RESTART_HINT):
+            rec = export_guie(
+                run_dir,
+                dest,
+                onnx=onnx,
+                parity_images=parity_images,
+                photos=[str(p) for p in photos] if photos else None,
+                check_parity=not no_parity,
+            )
     except ParityError as e:
         console.print(f"[red]PARITY FAILED:[/] {e}\n(files and export.json are in {dest} for inspection)")
         raise typer.Exit(1) from None

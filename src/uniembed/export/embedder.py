@@ -31,17 +31,20 @@ sizes, the demo's MobileNetV2 model, a 2-core machine with a load average of ~8 
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from uniembed.core.integrity import DamagedFileError
 from uniembed.core.runtime import torch_threads
 from uniembed.export.embedding import Embedder, Resize, to_uint8_chw
 from uniembed.export.model_files import (
     EXPORT_RECORD,
     ONNX_MODEL,
     SAVED_MODEL,
+    DamagedModelError,
     ModelError,
     ModelNotFoundError,
     file_fingerprint,
@@ -64,6 +67,7 @@ __all__ = [
     "ONNX_MODEL",
     "PROBE_ATOL",
     "SAVED_MODEL",
+    "DamagedModelError",
     "Embedder",
     "ModelError",
     "ModelNotFoundError",
@@ -76,6 +80,7 @@ __all__ = [
 ]
 
 ENGINES = ("auto", "torch", "onnxruntime")
+log = logging.getLogger(__name__)
 
 
 def load_embedder(
@@ -121,7 +126,10 @@ def _load_run(run: Path, batch_size: int) -> Embedder:
     """A training run rebuilt eagerly (backbone + head), identified by its head file and its backbone."""
     from uniembed.export.model import build_run_model
 
-    rm = build_run_model(run)
+    try:
+        rm = build_run_model(run)
+    except DamagedFileError as e:  # head.pt or the run's feature cache: a ModelError for every caller
+        raise DamagedModelError(str(e)) from e
     fp = hashlib.sha256(f"{file_fingerprint(run / 'head.pt')}|{rm.backbone.fingerprint()}".encode())
     model = rm.model.eval()
     # GuieModel's preprocessor is ImagePreprocessor itself, so pre-resizing with it is exact by design.
@@ -137,7 +145,13 @@ def _load_saved_model(
     refs = reference_outputs(module, sm)
     notes: list[str] = []
     if engine in ("auto", "onnxruntime"):
-        twin, why = onnx_twin(sm, fingerprint, threads)
+        try:
+            twin, why = onnx_twin(sm, fingerprint, threads)
+        except DamagedModelError as e:
+            if engine == "onnxruntime":
+                raise
+            log.warning("%s; running %s with torch meanwhile", e, sm.name)
+            twin, why = None, str(e)
         if twin is not None:
             ok, diff = agrees(twin, None, refs)
             if ok:

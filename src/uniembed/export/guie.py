@@ -1,9 +1,17 @@
-"""``export_guie(run_dir, out_dir)``: a run -> saved_model.pt, model.onnx, model_card.md, export.json."""
+"""``export_guie(run_dir, out_dir)``: a run -> saved_model.pt, model.onnx, model_card.md, export.json.
+
+The files are written into a hidden staging folder inside ``out_dir`` and moved into place together at the
+end, export.json last: a killed export leaves the previous export whole (never a new saved_model.pt beside
+the old export.json), and the next export removes the staging folders of dead ones.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +24,10 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from uniembed.export.model import RunModel
+
+#: The export's files in the order they are moved into place: export.json, which ties them together, last.
+EXPORT_FILES = ("model.onnx", SAVED_MODEL, "model_card.md", "export.json")
+_STAGE_PREFIX = ".export-"
 
 
 def export_guie(
@@ -33,21 +45,48 @@ def export_guie(
     export.json and the card when an exported file disagrees with the Python pipeline (cosine < 0.999)."""
     from rich.console import Console
 
-    from uniembed.export.card import write_card
-    from uniembed.export.model import build_run_model, feature_info
+    from uniembed.export.model import build_run_model
     from uniembed.export.parity import require_parity
 
     console = Console(stderr=True, quiet=not progress)
     run = Path(run_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _drop_dead_stages(out)
     with console.status("building the model from the run"):
         rm = build_run_model(run)
-    how, dim = _write_saved_model(rm, out, console)
-    onnx_rec = _write_onnx(rm, out, console) if onnx else None
+    stage = Path(tempfile.mkdtemp(prefix=f"{_STAGE_PREFIX}{os.getpid()}-", dir=out))
+    try:
+        record = _export_into(rm, run, stage, onnx, parity_images, photos, check_parity, console)
+        for name in EXPORT_FILES:
+            if (stage / name).exists():
+                os.replace(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if record["parity"] is not None:
+        require_parity(record["parity"])
+    return record
+
+
+def _export_into(
+    rm: RunModel,
+    run: Path,
+    stage: Path,
+    onnx: bool,
+    parity_images: int,
+    photos: list[str] | None,
+    check_parity: bool,
+    console: Console,
+) -> dict:
+    """Write every file of the export into ``stage``; returns the export record."""
+    from uniembed.export.card import write_card
+    from uniembed.export.model import feature_info
+
+    how, dim = _write_saved_model(rm, stage, console)
+    onnx_rec = _write_onnx(rm, stage, console) if onnx else None
     parity = None
     if check_parity:
-        parity = _check_parity(rm, out, onnx_rec is not None, parity_images, photos, console)
+        parity = _check_parity(rm, stage, onnx_rec is not None, parity_images, photos, console)
 
     fdirs = rm.record.feature_dirs()
     finfo = feature_info(fdirs[0]) if fdirs else {}
@@ -57,12 +96,31 @@ def export_guie(
     ds = finfo.get("dataset") or finfo.get("dataset_dir")
     if ds and (Path(ds) / "manifest.json").exists():
         manifest = json.loads((Path(ds) / "manifest.json").read_text())
-    record = _export_record(rm, run, out, how, dim, onnx_rec, parity)
-    atomic_write_text(out / "export.json", json.dumps(record, indent=2))
-    write_card(out, record, run, finfo, manifest)
-    if parity is not None:
-        require_parity(parity)
+    record = _export_record(rm, run, stage, how, dim, onnx_rec, parity)
+    atomic_write_text(stage / "export.json", json.dumps(record, indent=2))
+    write_card(stage, record, run, finfo, manifest)
     return record
+
+
+def _drop_dead_stages(out: Path) -> None:
+    """Remove staging folders that exports killed before they finished left in ``out`` (their process is
+    gone); a live export's folder is kept."""
+    for d in out.glob(f"{_STAGE_PREFIX}*"):
+        pid = d.name[len(_STAGE_PREFIX) :].split("-", 1)[0]
+        if d.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: alive
+        return True
+    return True
 
 
 def _write_saved_model(rm: RunModel, out: Path, console: Console) -> tuple[str, int]:
@@ -73,8 +131,10 @@ def _write_saved_model(rm: RunModel, out: Path, console: Console) -> tuple[str, 
     with console.status("TorchScript: scripting the GUIE model"):
         ts, how = script_model(rm.model, rm.preprocess.input_size)
         with quiet_jit():
-            with atomic_path(out / SAVED_MODEL) as tmp:
-                torch.jit.save(ts, str(tmp))
+            # Through a file object: given a path, TorchScript names the archive's root folder after the
+            # (random, temporary) file name, so two exports of one run would differ in bytes and fingerprint.
+            with atomic_path(out / SAVED_MODEL) as tmp, open(tmp, "wb") as f:
+                torch.jit.save(ts, f)
             # Round trip: what was saved is what loads, and it honours the contract on an odd size.
             loaded = torch.jit.load(str(out / SAVED_MODEL))
         with torch.no_grad():

@@ -3,9 +3,11 @@ its ``model.onnx`` twin and ``export.json``; a model's identity is the hash of i
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from uniembed.core.fsutil import sha256_file
+from uniembed.core.integrity import DamagedFileError
 
 SAVED_MODEL = "saved_model.pt"
 ONNX_MODEL = "model.onnx"
@@ -18,6 +20,22 @@ class ModelError(RuntimeError):
 
 class ModelNotFoundError(ModelError, FileNotFoundError):
     """No model where one was expected (also a FileNotFoundError, for callers that catch that)."""
+
+
+class DamagedModelError(ModelError, DamagedFileError):
+    """A model file (or the run record behind a run dir) is truncated or garbled: export it again."""
+
+
+def reexport_hint(model_file: str | Path) -> str:
+    """What to do about a damaged export: the export command, with the run export.json names if readable."""
+    folder = Path(model_file).parent
+    run = "RUN"
+    try:
+        rec = json.loads((folder / EXPORT_RECORD).read_text())
+        run = str(rec.get("run_dir") or run) if isinstance(rec, dict) else run
+    except (OSError, ValueError):
+        pass
+    return f"export it again with `uniembed export {run} --out {folder}`"
 
 
 def file_fingerprint(path: str | Path) -> str:

@@ -14,8 +14,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from uniembed.core.integrity import short_reason
 from uniembed.export.embedding import Resize, no_jit_reprofiling
-from uniembed.export.model_files import EXPORT_RECORD, ONNX_MODEL, ModelError
+from uniembed.export.model_files import (
+    EXPORT_RECORD,
+    ONNX_MODEL,
+    DamagedModelError,
+    ModelError,
+    reexport_hint,
+)
 
 #: Largest |difference| accepted between a faster variant and the plain TorchScript model on probe images
 #: (L2-normalised outputs; measured differences are ~3e-6).
@@ -116,7 +123,8 @@ class OnnxModel:
 
 def onnx_twin(sm: Path, fingerprint: str, threads: int | None) -> tuple[OnnxModel | None, str]:
     """``model.onnx`` beside ``saved_model.pt`` as an onnxruntime model, if export.json ties the two together
-    and the graph takes any H, W; else (None, why not)."""
+    and the graph takes any H, W; else (None, why not). ``DamagedModelError`` when it should be the twin but
+    onnxruntime cannot load it (truncated or garbled): the caller decides whether TorchScript may stand in."""
     onnx_path, rec_path = sm.parent / ONNX_MODEL, sm.parent / EXPORT_RECORD
     if not onnx_path.is_file():
         return None, f"no {ONNX_MODEL} beside {sm.name}"
@@ -139,8 +147,11 @@ def onnx_twin(sm: Path, fingerprint: str, threads: int | None) -> tuple[OnnxMode
         return None, "onnxruntime is not installed"
     try:
         sess = onnx_session(onnx_path, threads)
-    except Exception as e:  # a damaged or foreign file: the TorchScript model still works
-        return None, f"onnxruntime cannot load {onnx_path.name}: {type(e).__name__}: {str(e)[:120]}"
+    except Exception as e:  # onnxruntime raises its own exception types for a damaged or foreign file
+        raise DamagedModelError(
+            f"{onnx_path} cannot be loaded by onnxruntime ({short_reason(e, 120)}): it is damaged; "
+            f"{reexport_hint(sm)}"
+        ) from e
     return OnnxModel(sess), ""
 
 
@@ -151,4 +162,8 @@ def load_script(sm: Path) -> torch.jit.ScriptModule:
             return torch.jit.load(str(sm), map_location="cpu").eval()
     except Exception as e:  # torch raises RuntimeError/ValueError variants for non-TorchScript files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot load {sm} as TorchScript: {first}") from e
+        first = first if len(first) <= 160 else first[:159] + "…"
+        raise DamagedModelError(
+            f"cannot load {sm} as TorchScript: {first} (damaged, or not a GUIE saved_model.pt); "
+            f"{reexport_hint(sm)}"
+        ) from e

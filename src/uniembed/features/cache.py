@@ -7,7 +7,7 @@ cache hit and a fresh run describe themselves the same way.
 
 from __future__ import annotations
 
-import json
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from uniembed.features.pixels import PIPELINE_VERSION
-from uniembed.features.store import is_complete
+from uniembed.features.store import FeatureCacheError, is_complete, load_feature_set
 from uniembed.models.registry import Backbone, create_backbone
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,10 +63,15 @@ def feature_dir_for(out_root: str | Path, backbone: Backbone, manifest_hash: str
 
 def cached_result(out: Path, fp: str, mhash: str, draft: bool, t_start: float) -> ExtractResult | None:
     """The finished result in ``out`` when it holds this feature function (``fp``, ``draft``) on this data
-    (``mhash``); None when it must be computed."""
+    (``mhash``); None when it must be computed, also when its files are damaged (checksums, shapes, rows:
+    ``load_feature_set``), so a rerun of extract repairs a damaged cache."""
     if not is_complete(out):
         return None
-    info = json.loads((out / "info.json").read_text())
+    try:
+        info = load_feature_set(out).info
+    except FeatureCacheError as e:
+        log.warning("%s; computing the features again", str(e).split("; ")[0])
+        return None
     if (info.get("fingerprint"), info.get("manifest_hash"), info.get("draft")) != (fp, mhash, draft):
         return None
     stats = ExtractStats(

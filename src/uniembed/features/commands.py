@@ -67,6 +67,12 @@ _DEVICE = typer.Option(
 )
 _COMPILE = typer.Option(False, "--compile", help="torch.compile the model (torch engine only).")
 _QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+_CHECKPOINT = typer.Option(
+    30.0,
+    "--checkpoint-seconds",
+    min=0.0,
+    help="Save the progress of unfinished shards this often (and on Ctrl-C); a rerun continues from it.",
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -87,14 +93,17 @@ def extract_cmd(
     device: str | None = _DEVICE,
     compile: bool = _COMPILE,
     quiet: bool = _QUIET,
+    checkpoint_seconds: float = _CHECKPOINT,
 ) -> None:
     """Extract pooled frozen-backbone features of every image of a prepared dataset (or of an image source
     read directly).
 
     Cached: a rerun with the same backbone, weights, pooling and dataset returns at once.
 
-    Resumable: a killed run continues from the shards it had finished.
+    Resumable: a killed or interrupted run continues from its last checkpoint (every --checkpoint-seconds).
     """
+    from uniembed.core.interrupt import exit_on_interrupt
+
     common = dict(
         backbone=backbone,
         out_root=out,
@@ -106,16 +115,20 @@ def extract_cmd(
         pretrained=not random_weights,
         device=device,
         progress=not quiet,
+        checkpoint_seconds=checkpoint_seconds,
     )
-    result = _run_extract(dataset_dir, compile, common)
+    with exit_on_interrupt():
+        result = _run_extract(dataset_dir, compile, common)
     _print_summary(result)
 
 
 def _run_extract(dataset_dir: str, compile: bool, common: dict[str, Any]) -> ExtractResult:
-    """Extract through the shards or straight from the files; user errors exit with status 1.
+    """Extract through the shards or straight from the files; user errors exit with status 1, a damaged input
+    file (manifest, shard) with status 2.
 
     A prepared dataset (or any plain folder, which then gets extract's own "not prepared" error) goes
     through the shards; a labels.csv, a folder holding one, or a KIND:PATH spec is read directly."""
+    from uniembed.core.integrity import DamagedFileError
     from uniembed.data.sources import DataError
     from uniembed.features import extract as ex
 
@@ -128,7 +141,7 @@ def _run_extract(dataset_dir: str, compile: bool, common: dict[str, Any]) -> Ext
     except (ex.ExtractError, DataError, KeyError, ValueError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         typer.echo(f"extract failed: {msg}", err=True)
-        raise typer.Exit(code=1) from None
+        raise typer.Exit(code=2 if isinstance(e, DamagedFileError) else 1) from None
 
 
 def _print_summary(result: ExtractResult) -> None:
@@ -140,8 +153,10 @@ def _print_summary(result: ExtractResult) -> None:
     if st.cached:
         speed = "cached (nothing to do)"
     else:
-        speed = f"{st.images_per_s:.1f} images/s ({st.engine}"
-        speed += f", {st.reused_shards} shard(s) reused)" if st.reused_shards else ")"
+        reused = [f"{st.reused_shards} shard(s) reused"] if st.reused_shards else []
+        if info.get("resumed_images"):
+            reused.append(f"{info['resumed_images']} image(s) resumed from a checkpoint")
+        speed = f"{st.images_per_s:.1f} images/s ({', '.join([st.engine, *reused])})"
     skipped = info.get("skipped", [])
     typer.echo(
         f"count={info['count']} dim={info['dim']} backbone={info['backbone']} pooling={info['pooling']} "

@@ -4,9 +4,12 @@ Layout of a feature directory::
 
     features.npy   float16 [N, D]  (np.load(..., mmap_mode="r"))
     meta.csv       key,path,label,label_id,domain,source  (row i describes features[i])
-    info.json      backbone name, fingerprint, weights hash, preprocessing, manifest hash, dim, count
+    info.json      backbone name, fingerprint, weights hash, preprocessing, manifest hash, dim, count, and
+                   the size + sha256 of features.npy and meta.csv ("checksums")
 
-Files in, files out: training, evaluation and benchmarks read only this.
+Files in, files out: training, evaluation and benchmarks read only this. ``load_feature_set`` checks the
+checksums (once per process per file: ``uniembed.core.integrity``), the shapes and the row counts before
+anything uses the features, so a damaged cache fails in one line; ``extract`` recomputes a damaged cache.
 """
 
 from __future__ import annotations
@@ -19,8 +22,19 @@ from pathlib import Path
 import numpy as np
 
 from uniembed.core.fsutil import atomic_path, atomic_write_text
+from uniembed.core.integrity import CHECKSUMS_KEY, DamagedFileError, checksums, read_json_object, reading
+from uniembed.core.integrity import verify_checksums as _verify
 
 META_FIELDS = ["key", "path", "label", "label_id", "domain", "source"]
+FEATURES_FILE, META_FILE, INFO_FILE = "features.npy", "meta.csv", "info.json"
+
+
+class FeatureCacheError(DamagedFileError):
+    """A feature directory's files are truncated, garbled or disagree with each other: extract it again."""
+
+
+def _fix(d: Path) -> str:
+    return f"rerun `uniembed extract` to compute it again (or delete {d})"
 
 
 @dataclass
@@ -76,26 +90,45 @@ def write_feature_set(
         for r in meta_rows:
             w.writerow({k: r.get(k, "") for k in META_FIELDS})
     info = dict(info, dim=int(features.shape[1]), count=int(features.shape[0]), label_names=list(label_names))
-    atomic_write_text(out / "info.json", json.dumps(info, indent=2))
+    info[CHECKSUMS_KEY] = checksums(out, [FEATURES_FILE, META_FILE])
+    atomic_write_text(out / INFO_FILE, json.dumps(info, indent=2))
     return out
 
 
 def is_complete(feature_dir: str | Path) -> bool:
     d = Path(feature_dir)
-    return all((d / n).exists() for n in ("features.npy", "meta.csv", "info.json"))
+    return all((d / n).exists() for n in (FEATURES_FILE, META_FILE, INFO_FILE))
 
 
-def load_feature_set(feature_dir: str | Path, mmap: bool = True) -> FeatureSet:
+def load_feature_set(feature_dir: str | Path, mmap: bool = True, verify: bool = True) -> FeatureSet:
+    """A finished feature directory. ``FileNotFoundError`` when it is not one (a file missing);
+    ``FeatureCacheError`` (one line) when a file is damaged: checksums (skipped with ``verify=False``, absent
+    in caches written before them), the features' shape, the meta rows and info.json must agree."""
     d = Path(feature_dir)
     if not is_complete(d):
-        raise FileNotFoundError(f"{d} is not a complete feature directory (run `uniembed extract` first)")
-    info = json.loads((d / "info.json").read_text())
-    feats = np.load(d / "features.npy", mmap_mode="r" if mmap else None)
-    with open(d / "meta.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+        missing = ", ".join(n for n in (FEATURES_FILE, META_FILE, INFO_FILE) if not (d / n).exists())
+        raise FileNotFoundError(
+            f"{d} is not a complete feature directory (missing {missing}); run `uniembed extract` first"
+        )
+    info = read_json_object(d / INFO_FILE, _fix(d), FeatureCacheError)
+    if verify:
+        _verify(d, info, str(d / INFO_FILE), _fix(d), FeatureCacheError)
+    with reading(d / FEATURES_FILE, _fix(d), FeatureCacheError, what="cannot be read as a NumPy array"):
+        feats = np.load(d / FEATURES_FILE, mmap_mode="r" if mmap else None, allow_pickle=False)
+    if feats.ndim != 2:
+        raise FeatureCacheError(f"{d / FEATURES_FILE} holds shape {feats.shape}, not [N, D]; {_fix(d)}")
+    with reading(d / META_FILE, _fix(d), FeatureCacheError, what="is damaged"):
+        rows = _read_meta(d / META_FILE)
+        labels = np.array([int(r["label_id"]) for r in rows], dtype=np.int64)
+    counts = {"features.npy rows": feats.shape[0], "meta.csv rows": len(rows)}
+    if "count" in info:
+        counts["info.json count"] = info["count"]
+    if len(set(counts.values())) > 1:
+        said = ", ".join(f"{k} {v}" for k, v in counts.items())
+        raise FeatureCacheError(f"{d}: the files disagree ({said}); {_fix(d)}")
     return FeatureSet(
         features=feats,
-        labels=np.array([int(r["label_id"]) for r in rows], dtype=np.int64),
+        labels=labels,
         label_names=list(info.get("label_names", [])),
         domains=np.array([r["domain"] for r in rows]),
         paths=[r["path"] for r in rows],
@@ -105,12 +138,22 @@ def load_feature_set(feature_dir: str | Path, mmap: bool = True) -> FeatureSet:
     )
 
 
-def load_features(dirs: list[str]) -> tuple[FeatureSet, np.ndarray, list[str]]:
+def _read_meta(path: Path) -> list[dict[str, str]]:
+    """meta.csv rows; every row must carry every column (a garbled or cut file does not)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for n, r in enumerate(rows, start=2):
+        if None in r or any(r.get(k) is None for k in META_FIELDS):
+            raise ValueError(f"line {n} does not have the columns {','.join(META_FIELDS)}")
+    return rows
+
+
+def load_features(dirs: list[str], verify: bool = True) -> tuple[FeatureSet, np.ndarray, list[str]]:
     """Load and concatenate feature dirs (same backbone fingerprint and width). Returns the concatenated set,
     label *names* per row (label ids are per-manifest, names are global) and the dirs resolved."""
     if not dirs:
         raise ValueError("no feature directories given")
-    sets = [load_feature_set(d) for d in dirs]
+    sets = [load_feature_set(d, verify=verify) for d in dirs]
     first = sets[0]
     for d, s in zip(dirs[1:], sets[1:], strict=True):
         if s.dim != first.dim or s.info.get("fingerprint") != first.info.get("fingerprint"):

@@ -3,15 +3,16 @@
 Endpoints: ``POST /search`` and ``POST /embed`` (multipart field ``image``, or a raw ``image/*`` body),
 ``GET /health``, ``GET /thumb/{id}`` (indexed ids only: no path ever reaches the file system from a
 request), ``GET /`` (an offline web page from ``static/``). Every bad input gets a 4xx JSON
-``{"detail": ...}``; nothing a client sends can take the process down.
+``{"detail": ...}``; nothing a client sends can take the process down. Statuses: 413 for bytes over
+``--max-upload-mb``, 422 for pixels over ``--max-pixels`` (or an image that cannot be decoded), 503 with
+``Retry-After`` when every decode/embed slot is taken and the queue is full (``serve/admission.py``).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,19 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from uniembed.export.embedder import Embedder
+from uniembed.serve.admission import Admission, ServerBusy, decode_side, release_memory
+from uniembed.serve.body_limit import MULTIPART_SLACK, BodySizeLimit
 from uniembed.serve.index import ImageIndex, open_index_and_model
+from uniembed.serve.limits import (
+    DEFAULT_K,
+    DEFAULT_MAX_UPLOAD_MB,
+    MAX_K,
+    ServiceLimits,
+    k_error,
+    pixels_message,
+)
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -41,8 +51,12 @@ ALLOWED_TYPES = {
 }
 #: Declared types that say "no opinion" and so fall back to sniffing.
 NEUTRAL_TYPES = {"", "application/octet-stream"}
-#: Room for multipart boundaries and part headers on top of the image itself.
-MULTIPART_SLACK = 64 * 1024
+#: File parts a multipart form may carry; more than one ``image`` is refused with a message (up to this many).
+MAX_FORM_FILES = 8
+NO_IMAGE = (
+    "no image: send the file as multipart/form-data field 'image' "
+    "(or the image bytes as the request body with an image/* Content-Type)"
+)
 
 
 def sniff_image_type(data: bytes) -> str | None:
@@ -62,94 +76,6 @@ def sniff_image_type(data: bytes) -> str | None:
     return None
 
 
-class BodySizeLimit:
-    """Pure ASGI middleware: answer 413 before the app parses an over-large body.
-
-    Starlette's multipart parser spools any size of upload to disk, so the limit must sit in front of it. The
-    declared Content-Length is checked first; bodies without one (chunked) are counted as they arrive.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None:
-            try:
-                n = int(declared)
-            except ValueError:
-                await _send_json(send, 400, "invalid Content-Length header")
-                return
-            if n > self.max_bytes:
-                await _send_json(send, 413, self._too_large(n))
-                return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            body = msg.get("body", b"")
-            size += len(body)
-            if size > self.max_bytes:
-                await _send_json(send, 413, self._too_large(size, at_least=True))
-                return
-            chunks.append(body)
-            if not msg.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    def _too_large(self, n: int, at_least: bool = False) -> str:
-        limit_mb = (self.max_bytes - MULTIPART_SLACK) / (1024 * 1024)
-        return (
-            f"upload too large: {'more than ' if at_least else ''}{n / (1024 * 1024):.1f} MiB; "
-            f"the limit is {limit_mb:g} MiB"
-        )
-
-
-async def _send_json(send: Send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-@dataclass(frozen=True)
-class ServiceLimits:
-    """What a request may ask for: upload size and the number of results."""
-
-    max_upload_mb: float = 10.0
-    default_k: int = 5
-    max_k: int = 100
-
-    @property
-    def max_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
-
-
 def _install_error_handlers(app: FastAPI) -> None:
     """Invalid requests answer 422 with one readable line; any other exception answers 500, not a crash."""
 
@@ -159,6 +85,12 @@ def _install_error_handlers(app: FastAPI) -> None:
             f"{'.'.join(str(p) for p in e.get('loc', []))}: {e.get('msg')}" for e in exc.errors()
         )
         return JSONResponse({"detail": f"invalid request: {msgs}"}, status_code=422)
+
+    @app.exception_handler(ServerBusy)
+    async def _busy(request: Request, exc: ServerBusy) -> JSONResponse:
+        return JSONResponse(
+            {"detail": exc.detail}, status_code=503, headers={"Retry-After": str(exc.retry_after)}
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -170,17 +102,23 @@ async def _request_image(request: Request) -> tuple[str, bytes, dict[str, Any]]:
     """(declared type, bytes, extra form fields) of a multipart ``image`` part or a raw image body."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        form = await request.form(max_files=2, max_fields=16)
-        part = form.get("image")
-        if part is None:
+        form = await request.form(max_files=MAX_FORM_FILES, max_fields=16)
+        parts = form.getlist("image")
+        if not parts:
             raise HTTPException(400, "missing form field 'image' (multipart/form-data file upload)")
+        if len(parts) > 1:
+            raise HTTPException(422, f"send one image per request; got {len(parts)} 'image' fields")
+        part = parts[0]
         if not isinstance(part, UploadFile):
             raise HTTPException(400, "form field 'image' must be a file, not text")
         declared = (part.content_type or "").split(";")[0].strip().lower()
         data = await part.read()
         return declared, data, {k: v for k, v in form.items() if k != "image" and isinstance(v, str)}
     if ctype.startswith("image/") or ctype in NEUTRAL_TYPES:
-        return ctype, await request.body(), {}
+        body = await request.body()
+        if not body:
+            raise HTTPException(400, NO_IMAGE)
+        return ctype, body, {}
     raise HTTPException(
         415,
         f"unsupported request type {ctype!r}: send multipart/form-data with an "
@@ -206,16 +144,26 @@ async def read_upload(request: Request, limits: ServiceLimits) -> tuple[bytes, d
     return data, fields
 
 
-def embed_bytes(embedder: Embedder, data: bytes) -> Any:
-    """The embedding [1, D] of an uploaded image; 413 for a decompression bomb, 422 for anything unusable."""
-    from uniembed.data.images import BadImageError, load_image
+def decode_upload(data: bytes, limits: ServiceLimits) -> Any:
+    """The upload as an RGB image reduced to about the model's size; 422 for more pixels than the budget
+    (before any decoding) or for anything that cannot be decoded."""
+    from uniembed.data.images import BadImageError, TooManyPixelsError, load_image
 
     try:
-        im = load_image(data)
+        return load_image(data, max_pixels=limits.max_pixels, reduce_to=limits.decode_side)
+    except TooManyPixelsError as e:
+        raise HTTPException(422, pixels_message(e.size, limits.max_pixels)) from e
     except BadImageError as e:
-        code = 413 if e.reason == "decompression bomb" else 422
-        raise HTTPException(code, f"cannot decode image: {e}") from e
-    vec = embedder.embed_images([im])
+        raise HTTPException(422, f"cannot decode image: {e}") from e
+
+
+def embed_bytes(embedder: Embedder, data: bytes, limits: ServiceLimits | None = None) -> Any:
+    """The embedding [1, D] of an uploaded image (see ``decode_upload``); the memory the decode freed goes
+    back to the OS afterwards."""
+    try:
+        vec = embedder.embed_images([decode_upload(data, limits or ServiceLimits())])
+    finally:
+        release_memory()
     if not np.isfinite(vec).all():
         raise HTTPException(422, "the model produced a non-finite embedding for this image")
     return vec
@@ -229,8 +177,9 @@ def parse_k(raw: Any, limits: ServiceLimits) -> int:
         k = int(str(raw).strip())
     except ValueError:
         raise HTTPException(422, f"k must be an integer, got {str(raw)[:40]!r}") from None
-    if not 1 <= k <= limits.max_k:
-        raise HTTPException(422, f"k must be between 1 and {limits.max_k}, got {k}")
+    error = k_error(k, limits.max_k)
+    if error:
+        raise HTTPException(422, error)
     return k
 
 
@@ -260,6 +209,12 @@ def thumbnail_response(index: ImageIndex, item_id: str) -> Response:
 
 def _add_routes(app: FastAPI, index: ImageIndex, embedder: Embedder, limits: ServiceLimits) -> None:
     """/, /health, /search, /embed and /thumb/{id} (in this order in the OpenAPI schema)."""
+    gate = Admission(limits.slots, limits.queue, limits.queue_wait_s)
+    app.state.admission = gate
+
+    async def embed_admitted(data: bytes) -> Any:
+        async with gate.slot():
+            return await run_in_threadpool(embed_bytes, embedder, data, limits)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -280,6 +235,10 @@ def _add_routes(app: FastAPI, index: ImageIndex, embedder: Embedder, limits: Ser
             "default_k": limits.default_k,
             "max_k": limits.max_k,
             "max_upload_mb": limits.max_upload_mb,
+            "max_megapixels": limits.max_megapixels,
+            "max_concurrent": gate.slots,
+            "busy": gate.busy,
+            "waiting": gate.waiting,
         }
 
     @app.post("/search")
@@ -288,7 +247,7 @@ def _add_routes(app: FastAPI, index: ImageIndex, embedder: Embedder, limits: Ser
         t0 = time.perf_counter()
         data, fields = await read_upload(request, limits)
         k = parse_k(fields.get("k", request.query_params.get("k")), limits)
-        vec = await run_in_threadpool(embed_bytes, embedder, data)
+        vec = await embed_admitted(data)
         hits = (await run_in_threadpool(index.search_batch, vec, k))[0]
         results = [{**h.to_dict(), "thumbnail": f"/thumb/{h.id}"} for h in hits]
         return {"results": results, "k": k, "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
@@ -297,7 +256,7 @@ def _add_routes(app: FastAPI, index: ImageIndex, embedder: Embedder, limits: Ser
     async def embed(request: Request) -> dict[str, Any]:
         """The model's embedding of the uploaded image."""
         data, _ = await read_upload(request, limits)
-        vec = await run_in_threadpool(embed_bytes, embedder, data)
+        vec = await embed_admitted(data)
         return {
             "embedding": [float(v) for v in vec[0]],
             "dim": int(vec.shape[1]),
@@ -313,26 +272,33 @@ def _add_routes(app: FastAPI, index: ImageIndex, embedder: Embedder, limits: Ser
 def create_app(
     index_dir: str | Path,
     model_path: str | Path | None = None,
-    max_upload_mb: float = 10.0,
-    default_k: int = 5,
-    max_k: int = 100,
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    default_k: int = DEFAULT_K,
+    max_k: int = MAX_K,
     embedder: Embedder | None = None,
     warmup: bool = True,
     engine: str = "auto",
+    limits: ServiceLimits | None = None,
+    verify: bool = True,
 ) -> FastAPI:
     """Load the index and the model, check they belong together, and return the ASGI app.
+
+    ``limits`` (pixels, concurrency, queue, ...), when given, replaces ``max_upload_mb``, ``default_k`` and
+    ``max_k``. ``verify`` False skips checking the index files against their checksums.
 
     Raises ``ModelMismatchError`` when the model's fingerprint is not the one the index was built with: the
     vectors would live in different spaces and every answer would be silently wrong.
     """
     if embedder is None:
-        index, embedder = open_index_and_model(index_dir, model_path, engine=engine)
+        index, embedder = open_index_and_model(index_dir, model_path, engine=engine, verify=verify)
     else:
-        index = ImageIndex.load(index_dir)
+        index = ImageIndex.load(index_dir, verify=verify)
         index.check_embedder(embedder)
     if warmup:
         embedder.warmup()
-    limits = ServiceLimits(max_upload_mb=max_upload_mb, default_k=default_k, max_k=max_k)
+    limits = limits or ServiceLimits(max_upload_mb=max_upload_mb, default_k=default_k, max_k=max_k)
+    if limits.decode_side is None:
+        limits = replace(limits, decode_side=decode_side(embedder))
 
     app = FastAPI(title="uniembed image search", version="1", docs_url="/docs", redoc_url=None)
     app.state.index = index

@@ -3,6 +3,8 @@
 The directory is written atomically: everything goes into a temp dir beside it, which replaces the old one
 in a rename only once complete, so a failed build leaves the previous index untouched. A collection-adapted
 index (``--adapt``) also holds ``features.npy``, ``projection.npz`` and ``query_model.pt`` (see adapt.py).
+index.json, written last, records the size and sha256 of every other file but the thumbnails
+("checksums"), which ``ImageIndex.load`` verifies.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from uniembed.core.fsutil import building_dir
+from uniembed.core.integrity import CHECKSUMS_KEY, checksums
 from uniembed.core.runtime import torch_threads
 from uniembed.export.embedder import Embedder, file_fingerprint, load_embedder, resolve_model_path
 from uniembed.serve.adapt_plan import AdaptPlan
@@ -32,7 +35,7 @@ from uniembed.serve.faiss_index import (
     make_faiss_index,
 )
 from uniembed.serve.ingest import embed_records
-from uniembed.serve.items import ImageRecord, open_sources, write_items
+from uniembed.serve.items import ImageRecord, absolute_path, open_sources, write_items
 from uniembed.serve.store import INDEX_FILE, INFO_FILE, ITEMS_FILE, THUMBS_DIR, ImageIndex
 
 
@@ -98,13 +101,15 @@ def _link_or_copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(p, dst / p.name)
 
 
-def _existing_index(out_dir: Path, add: bool, index_type: str, refit: bool) -> ImageIndex | None:
+def _existing_index(
+    out_dir: Path, add: bool, index_type: str, refit: bool, verify: bool = True
+) -> ImageIndex | None:
     """The index ``--add`` extends (None for a fresh build); refuses to overwrite a folder that is not one."""
     old: ImageIndex | None = None
     if add:
         if not (out_dir / INFO_FILE).is_file():
             raise ImageIndexError(f"--add: no index at {out_dir} to add to; build it first without --add")
-        old = ImageIndex.load(out_dir)
+        old = ImageIndex.load(out_dir, verify=verify)
         if index_type not in ("auto", old.info["index"]["type"]):
             raise ImageIndexError(
                 f"--add keeps the existing index type {old.info['index']['type']!r}; "
@@ -265,7 +270,9 @@ def _index_info(
         "count": len(built.items),
         "dim": built.dim,
         "thumb_size": thumb_size,
-        "sources": sorted({*(old.info.get("sources", []) if old else []), *(str(p) for p in images)}),
+        "sources": sorted(
+            {*(old.info.get("sources", []) if old else []), *(absolute_path(str(p)) for p in images)}
+        ),
         "skipped": all_skipped,
         "skipped_counts": dict(Counter(s["reason"] for s in all_skipped)),
         "created": old.info.get("created") if old else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -277,11 +284,13 @@ def _index_info(
 
 
 def _write_index(tmp: Path, built: _Assembled, info: dict[str, Any]) -> None:
-    """index.faiss, items.csv and index.json into the build folder."""
+    """index.faiss, items.csv, then index.json with the checksums of every file but itself and the thumbs."""
     import faiss
 
     faiss.write_index(built.index, str(tmp / INDEX_FILE))
     write_items(tmp / ITEMS_FILE, built.items)
+    covered = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != INFO_FILE)
+    info = {**info, CHECKSUMS_KEY: checksums(tmp, covered)}
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
 
 
@@ -304,6 +313,7 @@ def build_index(
     backbone: Any = None,
     pooling: str | None = None,
     refit: bool = False,
+    verify: bool = True,
 ) -> BuildResult:
     """Embed ``images`` with the model and write (or with ``add`` extend) a FAISS index at ``out_dir``.
 
@@ -318,6 +328,9 @@ def build_index(
     and a query model is written into the index. ``add`` on an adapted index keeps its projection (no model
     needed; ``backbone`` defaults to the stored one); ``add`` + ``refit`` refits on all stored features (with
     ``adapt``: to that spec) and rewrites every vector and the query model.
+
+    Image paths are stored absolute (see ``uniembed.serve.items``); ``verify`` False skips the checksum check
+    of the index ``add`` extends.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -325,7 +338,7 @@ def build_index(
         images = [images]
     if index_type not in INDEX_TYPES:
         raise ImageIndexError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
-    old = _existing_index(out_dir, add, index_type, refit)
+    old = _existing_index(out_dir, add, index_type, refit, verify)
     how = _choose_embedding(old, model_path, adapt, backbone, pooling, refit)
     records, total = open_sources(images, domain=domain)
     if limit is not None:

@@ -1,5 +1,5 @@
-"""The options of ``uniembed index`` (and the engine/threads options shared with search and serve), as
-reusable ``Annotated`` types, so the command functions stay short."""
+"""The options of ``uniembed index`` and ``uniembed serve``'s limits (and the engine/threads options shared
+with search), as reusable ``Annotated`` types, so the command functions stay short."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from uniembed.serve.limits import BOMB_MEGAPIXELS
 
 INDEX_TYPE_HELP = (
     "FAISS index type: 'auto' (exact 'flat' below 20k images, 'hnsw' up to 500k, 'ivf' beyond), 'flat' "
@@ -28,6 +30,14 @@ ThreadsOption = Annotated[
         "--threads",
         min=1,
         help="Intra-op CPU threads for the model (default: the cores not already busy, by load average).",
+    ),
+]
+
+NoVerifyOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-verify",
+        help="Skip checking the index files against the checksums in index.json (a sha256 pass over them).",
     ),
 ]
 
@@ -166,4 +176,50 @@ EfSearchOption = Annotated[
     typer.Option(
         "--ef-search", min=1, help="HNSW: query-time search depth; higher = better recall (default 64)."
     ),
+]
+
+# ----------------------------------------------------------------------------------------- uniembed serve
+MaxUploadOption = Annotated[
+    float,
+    typer.Option(
+        "--max-upload-mb", min=0.01, help="Largest accepted upload in MiB; bigger requests get HTTP 413."
+    ),
+]
+DefaultKOption = Annotated[
+    int, typer.Option("--default-k", min=1, help="Results per query when the request gives no k.")
+]
+MaxKOption = Annotated[int, typer.Option("--max-k", min=1, help="Largest k a request may ask for.")]
+MaxPixelsOption = Annotated[
+    float,
+    typer.Option(
+        "--max-pixels",
+        min=0.01,
+        max=BOMB_MEGAPIXELS,
+        help="Largest image area an upload may have, in megapixels (40 = 40 million pixels, e.g. 8000 x "
+        "5000). Checked from the header before decoding; bigger images get HTTP 422. Pillow decodes a PNG "
+        "at full size once (~3-4 bytes a pixel), so this bounds what one request can hold; at most "
+        f"{BOMB_MEGAPIXELS:.1f} (Pillow's decompression-bomb limit).",
+    ),
+]
+MaxConcurrentOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-concurrent",
+        min=1,
+        help="Uploads decoded + embedded at once (default: the number of CPU cores). Peak memory grows "
+        "with it: up to about --max-pixels x 4 bytes each.",
+    ),
+]
+QueueOption = Annotated[
+    int,
+    typer.Option(
+        "--queue",
+        min=0,
+        help="Requests that may wait for a free slot; beyond that, or after --queue-timeout, HTTP 503 "
+        "with a Retry-After header.",
+    ),
+]
+QueueTimeoutOption = Annotated[
+    float,
+    typer.Option("--queue-timeout", min=0.0, help="Seconds a request waits for a slot before its 503."),
 ]

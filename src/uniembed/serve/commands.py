@@ -16,6 +16,7 @@ from uniembed.serve.cli_options import (
     AddOption,
     BackboneOption,
     BatchSizeOption,
+    DefaultKOption,
     DomainOption,
     EfConstructionOption,
     EfSearchOption,
@@ -25,15 +26,32 @@ from uniembed.serve.cli_options import (
     IndexModelOption,
     IndexTypeOption,
     LimitOption,
+    MaxConcurrentOption,
+    MaxKOption,
+    MaxPixelsOption,
+    MaxUploadOption,
     NlistOption,
+    NoVerifyOption,
     NprobeOption,
     OutOption,
     PoolingOption,
     PqBitsOption,
     PqMOption,
+    QueueOption,
+    QueueTimeoutOption,
     RefitOption,
     ThreadsOption,
     ThumbSizeOption,
+)
+from uniembed.serve.limits import (
+    DEFAULT_K,
+    DEFAULT_MAX_MEGAPIXELS,
+    DEFAULT_MAX_UPLOAD_MB,
+    DEFAULT_QUEUE,
+    DEFAULT_QUEUE_WAIT_S,
+    MAX_K,
+    ServiceLimits,
+    k_error,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,6 +98,7 @@ def run_index(
 ) -> BuildResult:
     """Check the option combination, fill in the adapted default without --model, and build; every
     user-facing error becomes a one-line exit."""
+    from uniembed.core.interrupt import RESTART_HINT, exit_on_interrupt
     from uniembed.export.embedder import ModelError
     from uniembed.serve.index import INDEX_TYPES, ImageIndexError, build_index
 
@@ -92,17 +111,18 @@ def run_index(
     if model is not None and (backbone is not None or pooling is not None):
         raise _fail("--backbone/--pooling are only used with --adapt; a --model embeds the images itself")
     try:
-        return build_index(
-            model,
-            images,
-            out,
-            index_type=index_type,
-            add=add,
-            adapt=adapt,
-            backbone=backbone,
-            pooling=pooling,
-            **build_options,
-        )
+        with exit_on_interrupt(RESTART_HINT):
+            return build_index(
+                model,
+                images,
+                out,
+                index_type=index_type,
+                add=add,
+                adapt=adapt,
+                backbone=backbone,
+                pooling=pooling,
+                **build_options,
+            )
     except (ImageIndexError, ModelError) as e:
         hint = (
             f" (no --model given: the default is --adapt {DEFAULT_ADAPT} --backbone {DEFAULT_BACKBONE}; "
@@ -164,6 +184,7 @@ def index_command(
     thumb_size: ThumbSizeOption = 160,
     engine: EngineOption = "auto",
     threads: ThreadsOption = None,
+    no_verify: NoVerifyOption = False,
 ) -> None:
     """Embed images with a saved_model.pt (or, with --adapt, a backbone + a projection fitted on the images)
     and build (or --add to) a FAISS index for search and serve."""
@@ -193,6 +214,7 @@ def index_command(
         thumb_size=thumb_size,
         engine=engine,
         threads=threads,
+        verify=not no_verify,
     )
     print_build_summary(res)
 
@@ -221,7 +243,9 @@ def search_command(
     index: Annotated[
         Path, typer.Option("--index", help="Index directory written by `uniembed index`.")
     ] = Path("artifacts/index"),
-    k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Number of results per query.")] = 5,
+    k: Annotated[
+        int, typer.Option("-k", "--top-k", help=f"Number of results per query (1 to {MAX_K}).")
+    ] = DEFAULT_K,
     model: Annotated[
         Path | None,
         typer.Option(
@@ -240,6 +264,7 @@ def search_command(
     ] = None,
     engine: EngineOption = "auto",
     threads: ThreadsOption = None,
+    no_verify: NoVerifyOption = False,
 ) -> None:
     """Find the indexed images nearest to each query image (top-k with distances, labels and paths)."""
     from rich.console import Console
@@ -249,8 +274,12 @@ def search_command(
     from uniembed.export.embedder import ModelError
     from uniembed.serve.index import ImageIndexError, open_index_and_model
 
+    if k_error(k):
+        raise _fail(str(k_error(k)))
     try:
-        ix, embedder = open_index_and_model(index, model, engine=engine, threads=threads or free_cores())
+        ix, embedder = open_index_and_model(
+            index, model, engine=engine, threads=threads or free_cores(), verify=not no_verify
+        )
     except (ImageIndexError, ModelError) as e:
         raise _fail(str(e) + _MODEL_HINT * (model is None and isinstance(e, ModelError))) from None
 
@@ -302,52 +331,47 @@ def serve_command(
         "127.0.0.1"
     ),
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port to listen on.")] = 8000,
-    max_upload_mb: Annotated[
-        float,
-        typer.Option(
-            "--max-upload-mb", min=0.01, help="Largest accepted upload in MiB; bigger requests get HTTP 413."
-        ),
-    ] = 10.0,
-    default_k: Annotated[
-        int, typer.Option("--default-k", min=1, help="Results per query when the request gives no k.")
-    ] = 5,
-    max_k: Annotated[int, typer.Option("--max-k", min=1, help="Largest k a request may ask for.")] = 100,
+    max_upload_mb: MaxUploadOption = DEFAULT_MAX_UPLOAD_MB,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_MEGAPIXELS,
+    max_concurrent: MaxConcurrentOption = None,
+    queue: QueueOption = DEFAULT_QUEUE,
+    queue_timeout: QueueTimeoutOption = DEFAULT_QUEUE_WAIT_S,
+    default_k: DefaultKOption = DEFAULT_K,
+    max_k: MaxKOption = MAX_K,
     log_level: Annotated[
         str, typer.Option("--log-level", help="uvicorn log level (debug, info, warning, error).")
     ] = "info",
     engine: EngineOption = "auto",
     threads: ThreadsOption = None,
+    no_verify: NoVerifyOption = False,
 ) -> None:
-    """Serve image search over HTTP: page at /, POST /search, POST /embed, GET /health, GET /thumb/{id}."""
-    import faiss
-    import uvicorn
+    """Serve image search over HTTP: page at /, POST /search, POST /embed, GET /health, GET /thumb/{id}.
 
-    from uniembed.core.runtime import free_cores
-    from uniembed.export.embedder import ModelError
-    from uniembed.serve.app import create_app
-    from uniembed.serve.index import ImageIndexError, open_index_and_model
+    The index is loaded once at start: restart the server to serve what a later `uniembed index --add` added.
 
-    try:
-        ix, embedder = open_index_and_model(index, model, engine=engine, threads=threads or free_cores())
-        app = create_app(
-            index,
-            max_upload_mb=max_upload_mb,
-            default_k=default_k,
-            max_k=max(max_k, default_k),
-            embedder=embedder,
-        )
-    except (ImageIndexError, ModelError) as e:
-        hint = _MODEL_HINT * (model is None and isinstance(e, ModelError))
-        raise _fail(f"not starting: {e}{hint}") from None
-    # One query per request: FAISS's OpenMP threads only add overhead and contend between requests.
-    faiss.omp_set_num_threads(1)
-    typer.echo(
-        f"serving {len(app.state.index)} images (model {embedder.fingerprint}, {embedder.engine}) "
-        f"on http://{host}:{port}/"
+    Memory: an upload over --max-upload-mb gets HTTP 413; one over --max-pixels gets HTTP 422 (checked from
+    its header, before decoding). The rest are decoded straight to about the model's input size, at most
+    --max-concurrent at a time; others wait in a --queue and get HTTP 503 with Retry-After when it is full or
+    --queue-timeout passes. Freed memory goes back to the OS after each upload (glibc malloc_trim); if RSS
+    still stays high after bursts, MALLOC_ARENA_MAX=2 in the environment limits glibc's per-thread heaps.
+    """
+    from uniembed.serve.listen import StartError, run_service
+
+    limits = ServiceLimits(
+        max_upload_mb=max_upload_mb,
+        default_k=default_k,
+        max_k=max(max_k, default_k),
+        max_megapixels=max_pixels,
+        max_concurrent=max_concurrent,
+        queue=queue,
+        queue_wait_s=queue_timeout,
     )
-    if app.state.index.adapted:
-        typer.echo(app.state.index.describe_projection())
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    try:
+        started = run_service(index, model, limits, host, port, engine, threads, not no_verify, log_level)
+    except StartError as e:
+        raise _fail(str(e) + _MODEL_HINT * e.model_hint) from None
+    if not started:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

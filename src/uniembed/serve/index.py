@@ -8,8 +8,9 @@ a loaded index directory; ``build``: building and ``--add``).
 Index directory layout (written atomically: a temp dir beside it, then a rename)::
 
     index.faiss   the FAISS index; row id i == items.csv row i
-    items.csv     id,path,label,domain,source
-    index.json    model fingerprint + path, index type + params, count, dim, skipped images with reasons
+    items.csv     id,path,label,domain,source (paths absolute: see items.py)
+    index.json    model fingerprint + path, index type + params, count, dim, skipped images with reasons,
+                  size + sha256 of the other files (verified on load)
     thumbs/       <id>.jpg thumbnails made while indexing, so the service never reads arbitrary files
     features.npy, projection.npz, query_model.pt   only in an index built with --adapt (see adapt.py)
 
@@ -26,7 +27,7 @@ from typing import Any
 from uniembed.core.runtime import torch_threads
 from uniembed.export.embedder import Embedder, file_fingerprint, load_embedder, resolve_model_path
 from uniembed.serve.build import BuildResult, build_index
-from uniembed.serve.errors import ImageIndexError, ModelMismatchError
+from uniembed.serve.errors import DamagedIndexError, ImageIndexError, ModelMismatchError
 from uniembed.serve.faiss_index import (
     FLAT_MAX,
     HNSW_MAX,
@@ -37,7 +38,7 @@ from uniembed.serve.faiss_index import (
     default_params,
     make_faiss_index,
 )
-from uniembed.serve.items import IMAGE_EXTENSIONS, ITEM_FIELDS, ImageRecord, open_sources
+from uniembed.serve.items import IMAGE_EXTENSIONS, ITEM_FIELDS, ImageRecord, absolute_path, open_sources
 from uniembed.serve.store import INDEX_FILE, INFO_FILE, ITEMS_FILE, THUMBS_DIR, Hit, ImageIndex
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "IVF_MAX_NLIST",
     "THUMBS_DIR",
     "BuildResult",
+    "DamagedIndexError",
     "Hit",
     "ImageIndex",
     "ImageIndexError",
@@ -63,6 +65,7 @@ __all__ = [
     "default_params",
     "make_faiss_index",
     "open_index_and_model",
+    "absolute_path",
     "open_sources",
     "search_paths",
 ]
@@ -74,13 +77,15 @@ def open_index_and_model(
     engine: str = "auto",
     batch_size: int = 32,
     threads: int | None = None,
+    verify: bool = True,
 ) -> tuple[ImageIndex, Embedder]:
     """Load an index and the model to embed queries with (default: the one recorded in the index; for an
     index built with ``--adapt``, its own ``query_model.pt``).
 
     The model file's fingerprint is checked against the index *before* the model is loaded, so a wrong
-    model fails fast with ``ModelMismatchError``; a missing or broken one raises ``ModelError``."""
-    ix = ImageIndex.load(index_dir)
+    model fails fast with ``ModelMismatchError``; a missing or broken one raises ``ModelError``. A damaged
+    index file raises ``DamagedIndexError`` (an ``ImageIndexError``); ``verify`` False skips its checksums."""
+    ix = ImageIndex.load(index_dir, verify=verify)
     if ix.adapted:
         model_file = resolve_model_path(ix.query_model_path())
         if model_path is not None:
@@ -92,7 +97,14 @@ def open_index_and_model(
                 )
     else:
         model_file = resolve_model_path(model_path if model_path is not None else ix.query_model_path())
-    ix.check_model(file_fingerprint(model_file))
+    fingerprint = file_fingerprint(model_file)
+    if fingerprint != ix.fingerprint and (model_path is None or ix.adapted):
+        raise ModelMismatchError(
+            f"{model_file}, the model recorded in the index at {ix.root}, has changed since the index was "
+            f"built (fingerprint {fingerprint}, the index expects {ix.fingerprint}): it was replaced or is "
+            "damaged; restore it, or rebuild the index with the model you have now"
+        )
+    ix.check_model(fingerprint)
     embedder = load_embedder(model_file, batch_size=batch_size, engine=engine, threads=threads)
     ix.check_embedder(embedder)
     return ix, embedder
@@ -105,6 +117,7 @@ def search_paths(
     model_path: str | Path | None = None,
     batch_size: int = 32,
     engine: str = "auto",
+    verify: bool = True,
 ) -> list[list[dict[str, Any]]]:
     """Top-k for query image files, one list of result dicts (id, path, label, domain, distance) per query.
 
@@ -120,6 +133,8 @@ def search_paths(
         except BadImageError as e:
             raise BadImageError(e.reason, f"query {q}: {e.detail}") from e
     with torch_threads(None) as n:
-        ix, embedder = open_index_and_model(index_dir, model_path, engine, batch_size, threads=n)
+        ix, embedder = open_index_and_model(
+            index_dir, model_path, engine, batch_size, threads=n, verify=verify
+        )
         vecs = embedder.embed_images(images)
     return [[h.to_dict() for h in hits] for hits in ix.search_batch(vecs, k)]

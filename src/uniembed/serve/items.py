@@ -2,12 +2,17 @@
 
 A source is a labels.csv, a folder holding labels.csv, a prepared shards folder (manifest.json), a plain
 folder of images labelled by parent folder name, or one image file (labelled the same way).
+
+Paths are stored absolute (``absolute_path``): a relative ``--images`` argument, a labels.csv row relative
+to its CSV and a relative path in a prepared dataset's metadata are all taken from the directory the build
+runs in, so results printed, thumbnails rendered and ``--add`` duplicates found from any other directory
+name the same files. An older index with relative paths is read against the current directory, as before.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import os
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +36,12 @@ class ImageRecord:
     data: bytes | None = None  # ... or already in memory (shards)
 
 
+def absolute_path(path: str) -> str:
+    """``path`` made absolute against the current directory and normalised (``a/../b`` -> ``b``), without
+    following symlinks, so the name a user gave stays recognisable; '' stays ''."""
+    return os.path.abspath(path) if path else path
+
+
 def _read_labels_csv(csv_path: Path) -> list[ImageRecord]:
     """labels.csv rows (path,label[,domain]) via the shared reader; relative paths are relative to the CSV's
     folder, and an empty domain stays empty in items.csv. A row without a path keeps the CSV's folder as its
@@ -43,11 +54,11 @@ def _read_labels_csv(csv_path: Path) -> list[ImageRecord]:
         raise ImageIndexError(str(e)) from e
     return [
         ImageRecord(
-            path=row.path or str(csv_path.parent),
+            path=absolute_path(row.path or str(csv_path.parent)),
             label=row.label,
             domain=row.domain,
-            source=str(csv_path),
-            file=Path(row.path) if row.path else None,
+            source=absolute_path(str(csv_path)),
+            file=Path(absolute_path(row.path)) if row.path else None,
         )
         for row in rows
     ]
@@ -75,7 +86,7 @@ def _iter_shards(ds_dir: Path) -> Iterator[ImageRecord]:
         for s in iter_samples(ds_dir):
             meta = s.meta or {}
             yield ImageRecord(
-                path=str(meta.get("path") or f"{ds_dir}#{s.key}"),
+                path=absolute_path(str(meta.get("path") or f"{ds_dir}#{s.key}")),
                 label=str(meta.get("label", "")),
                 domain=str(meta.get("domain", "")),
                 source=str(ds_dir),
@@ -91,15 +102,18 @@ def _iter_shards(ds_dir: Path) -> Iterator[ImageRecord]:
 
 def _shards_count(ds_dir: Path) -> int:
     """The sample count a prepared shards folder's manifest announces (for the progress bar)."""
+    from uniembed.data.shards import load_manifest
+    from uniembed.data.sources import DataError
+
     try:
-        manifest = json.loads((ds_dir / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ImageIndexError(f"{ds_dir / 'manifest.json'}: unreadable manifest: {e}") from e
-    return int(manifest.get("count", 0))
+        return int(load_manifest(ds_dir).get("count", 0))
+    except (DataError, TypeError, ValueError) as e:
+        raise ImageIndexError(str(e)) from e
 
 
-def _source_records(p: Path, domain: str) -> tuple[Iterable[ImageRecord], int]:
-    """The records of one ``--images`` argument and how many there are."""
+def _source_records(arg: Path, domain: str) -> tuple[Iterable[ImageRecord], int]:
+    """The records of one ``--images`` argument and how many there are (paths absolute)."""
+    p = Path(absolute_path(str(arg)))
     if p.is_file() and p.suffix.lower() == ".csv":
         recs = _read_labels_csv(p)
     elif p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
@@ -112,7 +126,9 @@ def _source_records(p: Path, domain: str) -> tuple[Iterable[ImageRecord], int]:
     elif p.is_dir():
         recs = _read_folder(p, domain)
     else:
-        raise ImageIndexError(f"--images {p}: not a labels.csv, an image folder or a prepared shards folder")
+        raise ImageIndexError(
+            f"--images {arg}: not a labels.csv, an image folder or a prepared shards folder"
+        )
     return recs, len(recs)
 
 
@@ -137,7 +153,8 @@ def open_sources(images: Sequence[str | Path], domain: str = "") -> tuple[Iterat
 
 
 def read_items(path: Path) -> list[dict[str, str]]:
-    """The rows of an index's items.csv (row i describes FAISS id i)."""
+    """The rows of an index's items.csv (row i describes FAISS id i), as stored (``ImageIndex.load`` checks
+    them and resolves relative paths)."""
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 

@@ -3,8 +3,9 @@
 Index directory layout (written atomically by ``uniembed.serve.build``)::
 
     index.faiss   the FAISS index; row id i == items.csv row i
-    items.csv     id,path,label,domain,source
-    index.json    model fingerprint + path, index type + params, count, dim, skipped images with reasons
+    items.csv     id,path,label,domain,source (paths absolute: see items.py)
+    index.json    model fingerprint + path, index type + params, count, dim, skipped images with reasons,
+                  size + sha256 of the other files but the thumbnails (verified on load)
     thumbs/       <id>.jpg thumbnails made while indexing, so the service never reads arbitrary files
 
 Distances are Euclidean (square root of FAISS's squared L2) between the model's L2-normalised embeddings,
@@ -13,7 +14,6 @@ so they lie in [0, 2] and 0 means the same picture.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +21,67 @@ from typing import Any
 
 import numpy as np
 
+from uniembed.core.integrity import read_json_object, reading, verify_checksums
 from uniembed.export.embedder import Embedder
-from uniembed.serve.errors import ImageIndexError, ModelMismatchError
+from uniembed.serve.errors import DamagedIndexError, ImageIndexError, ModelMismatchError
 from uniembed.serve.faiss_index import apply_search_params
-from uniembed.serve.items import read_items
+from uniembed.serve.items import ITEM_FIELDS, absolute_path, read_items
 
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.csv"
 INFO_FILE = "index.json"
 THUMBS_DIR = "thumbs"
+#: index.json entries every reader relies on, with the type each must have.
+_INFO_SHAPE = {"model": dict, "index": dict, "count": int, "dim": int}
+
+
+def rebuild_hint(root: Path, info: dict[str, Any] | None = None) -> str:
+    """What to do about a damaged index: the command that rebuilds it, with the sources and model options
+    index.json recorded when it is readable."""
+    info = info if isinstance(info, dict) else {}
+    sources = info.get("sources")
+    images = " ".join(str(s) for s in sources) if isinstance(sources, list) and sources else "SOURCES"
+    if len(images) > 200:
+        images = "SOURCES"
+    adapt, model = info.get("adapt"), info.get("model")
+    if isinstance(adapt, dict) and adapt.get("spec") and adapt.get("backbone"):
+        how = f"--adapt {adapt['spec']} --backbone {adapt['backbone']}"
+    elif isinstance(model, dict) and model.get("path") and not model.get("adapted"):
+        how = f"--model {model['path']}"
+    else:
+        cmd = f"uniembed index --images {images} --out {root}"
+        return f"rebuild it with `{cmd}` and the model options it was built with"
+    return f"rebuild it with `uniembed index --images {images} --out {root} {how}`"
+
+
+def _check_info(path: Path, info: dict[str, Any], fix: str) -> None:
+    """index.json must hold the entries the loader and search read, each of the right type."""
+    for key, kind in _INFO_SHAPE.items():
+        if not isinstance(info.get(key), kind):
+            raise DamagedIndexError(f"{path} is damaged (no valid {key!r} entry); {fix}")
+    if not isinstance(info["index"].get("type"), str) or "fingerprint" not in info["model"]:
+        raise DamagedIndexError(f"{path} is damaged (incomplete 'index' or 'model' entry); {fix}")
+
+
+def _read_faiss(path: Path, fix: str) -> Any:
+    """The FAISS index file, or one line saying it cannot be read (FAISS's own error is a C++ trace)."""
+    import faiss
+
+    with reading(path, fix, DamagedIndexError, what="cannot be read as a FAISS index"):
+        return faiss.read_index(str(path))
+
+
+def _read_item_table(path: Path, fix: str) -> list[dict[str, str]]:
+    """items.csv with every column present on every row, paths made absolute."""
+    with reading(path, fix, DamagedIndexError, what="cannot be read as an item table"):
+        items = read_items(path)
+    for n, it in enumerate(items, start=2):
+        if any(not isinstance(it.get(k), str) for k in ITEM_FIELDS) or None in it:
+            raise DamagedIndexError(
+                f"{path} is damaged (line {n} does not have the columns {','.join(ITEM_FIELDS)}); {fix}"
+            )
+        it["path"] = absolute_path(it["path"])
+    return items
 
 
 @dataclass
@@ -62,25 +114,38 @@ class ImageIndex:
     info: dict[str, Any]
 
     @classmethod
-    def load(cls, index_dir: str | Path) -> ImageIndex:
-        """Open an index directory; refuses one whose FAISS index, items.csv and index.json disagree."""
-        import faiss
-
+    def load(cls, index_dir: str | Path, verify: bool = True) -> ImageIndex:
+        """Open an index directory. Refuses, with one line naming the file and how to rebuild it, an index
+        whose files are missing or damaged: their sizes and sha256 recorded in index.json are checked first
+        (unless ``verify`` is False; an index written before checksums has none to check), then FAISS,
+        items.csv and index.json must parse and agree. Relative item paths (older indexes) are resolved
+        against the current directory, so every path handed out is absolute."""
         root = Path(index_dir)
-        for name in (INFO_FILE, INDEX_FILE, ITEMS_FILE):
-            if not (root / name).is_file():
-                raise ImageIndexError(
-                    f"{root} is not an index directory (missing {name}); build one with `uniembed index`"
-                )
-        info = json.loads((root / INFO_FILE).read_text())
-        index = faiss.read_index(str(root / INDEX_FILE))
-        items = read_items(root / ITEMS_FILE)
-        if index.ntotal != len(items) or index.ntotal != int(info.get("count", -1)):
+        if not (root / INFO_FILE).is_file():
             raise ImageIndexError(
-                f"{root}: index holds {index.ntotal} vectors but items.csv has {len(items)} rows "
-                f"and index.json says {info.get('count')}; rebuild it"
+                f"{root} is not an index directory (missing {INFO_FILE}); build one with `uniembed index`"
             )
-        apply_search_params(index, info["index"]["type"], info["index"].get("params", {}))
+        info = read_json_object(root / INFO_FILE, rebuild_hint(root), DamagedIndexError)
+        fix = rebuild_hint(root, info)
+        _check_info(root / INFO_FILE, info, fix)
+        for name in (INDEX_FILE, ITEMS_FILE):
+            if not (root / name).is_file():
+                raise DamagedIndexError(f"{root / name} is missing; {fix}")
+        if verify:
+            verify_checksums(root, info, str(root / INFO_FILE), fix, DamagedIndexError)
+        index = _read_faiss(root / INDEX_FILE, fix)
+        items = _read_item_table(root / ITEMS_FILE, fix)
+        if index.ntotal != len(items) or index.ntotal != int(info["count"]):
+            raise DamagedIndexError(
+                f"{root}: index holds {index.ntotal} vectors but items.csv has {len(items)} rows "
+                f"and index.json says {info.get('count')}; {fix}"
+            )
+        if len(items) and index.d != int(info["dim"]):
+            raise DamagedIndexError(
+                f"{root / INDEX_FILE} holds {index.d}-d vectors, index.json says {info['dim']}-d; {fix}"
+            )
+        with reading(root / INFO_FILE, fix, DamagedIndexError, what="has unusable index parameters"):
+            apply_search_params(index, info["index"]["type"], info["index"].get("params", {}))
         return cls(root=root, index=index, items=items, info=info)
 
     def __len__(self) -> int:

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from uniembed.core.fsutil import atomic_path
-from uniembed.core.run_record import HeadRecord
+from uniembed.core.integrity import DamagedFileError, reading
+from uniembed.core.run_record import HeadRecord, RunRecordError, retrain_hint
 from uniembed.models.heads import build_head
 from uniembed.train.config import TrainConfig
 from uniembed.train.data import TrainData
@@ -26,12 +27,34 @@ from uniembed.train.state import TrainState
 CHECKPOINT_FILE = "checkpoint.pt"
 #: Config keys that may differ between a checkpoint and a resumed run.
 RESUMABLE_CHANGES = {"epochs", "progress", "out", "finetune", "val_every", "select", "device"}
+#: What a complete checkpoint holds.
+_CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "rng", "history", "config", "world")
+
+
+class CheckpointError(DamagedFileError):
+    """``checkpoint.pt`` is truncated, garbled or incomplete: the run cannot be resumed from it."""
+
+
+def _restart_hint(path: Path) -> str:
+    return f"it cannot be resumed: start the run over with --overwrite instead of --resume (in {path.parent})"
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by ``save_checkpoint``, or ``CheckpointError`` (one line) saying it is damaged."""
+    with reading(path, _restart_hint(path), CheckpointError, what="cannot be read as a checkpoint"):
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise CheckpointError(f"{path} is damaged (no {', '.join(missing)}); {_restart_hint(path)}")
+    return ck
 
 
 def save_torch(obj: Any, path: Path) -> None:
     """``torch.save`` that never leaves half a file (temporary name, then rename)."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # Through a file object: torch.save(path) names the archive inside after the (random) temp file, so two
+    # identical runs would write different bytes.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def rng_state() -> dict:
@@ -69,7 +92,7 @@ def check_run_dir(run: Path, resume: bool, overwrite: bool) -> None:
             f"{run} already holds a training run; pass --resume to continue it or --overwrite to start over"
         )
     if resume and not ckpt_path.exists():
-        raise FileNotFoundError(f"--resume: no {ckpt_path}")
+        raise FileNotFoundError(f"--resume: no {ckpt_path}; start the run without --resume")
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -105,23 +128,25 @@ def save_checkpoint(
 
 def resume_state(path: Path, state: TrainState, cfg: TrainConfig, di: DistInfo) -> None:
     """Restore ``state`` and this rank's RNG from a checkpoint written by the same config and world size."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = read_checkpoint(path)
     diff = config_diff(ck["config"], cfg.to_dict())
     if diff:
         raise ValueError("--resume with a different config: " + "; ".join(diff))
     if ck["world"] != di.world:
         raise ValueError(f"checkpoint was written by {ck['world']} process(es), this run has {di.world}")
-    state.model.load_state_dict(ck["model"])
-    state.opt.load_state_dict(ck["optimizer"])
-    state.sched.load_state_dict(ck["scheduler"])
-    set_rng_state(ck["rng"][di.rank])
+    with reading(path, _restart_hint(path), CheckpointError, what="does not fit this run's model"):
+        state.model.load_state_dict(ck["model"])
+        state.opt.load_state_dict(ck["optimizer"])
+        state.sched.load_state_dict(ck["scheduler"])
+        set_rng_state(ck["rng"][di.rank])
     state.start_epoch, state.history, state.best = ck["epoch"], ck["history"], ck.get("best")
 
 
 def load_loss_state(path: Path, loss: nn.Module) -> None:
     """The loss's part of a checkpoint's model (its class centres) into ``loss``."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    loss.load_state_dict({k[len("loss.") :]: v for k, v in ck["model"].items() if k.startswith("loss.")})
+    ck = read_checkpoint(path)
+    with reading(path, _restart_hint(path), CheckpointError, what="does not fit this run's loss"):
+        loss.load_state_dict({k[len("loss.") :]: v for k, v in ck["model"].items() if k.startswith("loss.")})
 
 
 def head_record(
@@ -153,8 +178,11 @@ def selected_head(state: TrainState, cfg: TrainConfig, last: int) -> tuple[nn.Mo
 
 
 def load_head(run_dir: str | Path) -> tuple[nn.Module, HeadRecord]:
-    """``(head in eval mode, run record)`` from a run dir (or a head.pt path)."""
+    """``(head in eval mode, run record)`` from a run dir (or a head.pt path); ``RunRecordError`` when the
+    record's head cannot be rebuilt from it (a damaged file that still unpickles)."""
     rec = HeadRecord.load(run_dir)
-    head = build_head(rec.head_config)
-    head.load_state_dict(rec.state_dict)
+    p = Path(run_dir)
+    with reading(p, retrain_hint(p if p.is_dir() else p.parent), RunRecordError, what="holds a broken head"):
+        head = build_head(rec.head_config)
+        head.load_state_dict(rec.state_dict)
     return head.eval(), rec

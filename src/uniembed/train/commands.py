@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from uniembed.train import TrainConfig
 
 
 def train_command(
@@ -61,7 +65,7 @@ def train_command(
     from rich.console import Console
 
     from uniembed.configs import config_path
-    from uniembed.train import TrainConfig, train
+    from uniembed.train import TrainConfig
 
     console = Console(stderr=True)
     try:
@@ -81,12 +85,51 @@ def train_command(
     if dump_config:
         typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return
+    run = _run_training(cfg, console, resume=resume, stop_after=stop_after, overwrite=overwrite)
+    typer.echo(str(run))
+
+
+def _run_training(cfg: TrainConfig, console: Any, **how: Any) -> Path:
+    """Train: a damaged input file exits 2 and a user error 1, with one line; Ctrl-C exits 130 saying how to
+    continue."""
+    from uniembed.core.integrity import DamagedFileError
+    from uniembed.core.interrupt import exit_on_interrupt
+    from uniembed.train import train
+
+    before = _checkpoint_stamp(cfg)
     try:
-        run = train(cfg, resume=resume, stop_after=stop_after, overwrite=overwrite)
+        with exit_on_interrupt(lambda: _interrupted_hint(cfg, bool(how.get("resume")), before)):
+            return train(cfg, **how)
+    except DamagedFileError as e:
+        console.print(f"[red]train failed:[/] {e}", soft_wrap=True)
+        raise typer.Exit(2) from None
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         console.print(f"[red]train failed:[/] {e}")
         raise typer.Exit(1) from e
-    typer.echo(str(run))
+
+
+def _checkpoint_stamp(cfg: TrainConfig) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of the run's checkpoint.pt, None while there is none: a checkpoint is replaced
+    atomically (a new inode), so a changed stamp means this command wrote one."""
+    from uniembed.train.checkpoint import CHECKPOINT_FILE
+    from uniembed.train.trainer import run_dir_for
+
+    try:
+        st = (run_dir_for(cfg) / CHECKPOINT_FILE).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _interrupted_hint(cfg: TrainConfig, resume: bool, before: tuple[int, int, int] | None) -> str:
+    """How to continue an interrupted run: add ``--resume`` once this command wrote a checkpoint; a run
+    that was resuming already, the same command; one that saved nothing yet, the same command starts again."""
+    from uniembed.core.interrupt import RESTART_HINT, RESUME_FLAG_HINT, RESUME_HINT
+
+    if resume:
+        return RESUME_HINT
+    now = _checkpoint_stamp(cfg)
+    return RESUME_FLAG_HINT if now is not None and now != before else RESTART_HINT
 
 
 def register(app: typer.Typer) -> None:

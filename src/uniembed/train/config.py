@@ -122,7 +122,10 @@ class TrainConfig:
         return _from_dict(cls, dict(d or {}), "")
 
     def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Atomic: a run killed while starting never leaves half a config.yaml to resume from."""
+        from uniembed.core.fsutil import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
