@@ -194,11 +194,12 @@ def thumbnail_response(index: ImageIndex, item_id: str) -> Response:
     p = index.thumbnail_path(i)
     if p is not None:
         return FileResponse(p, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
-    if not 0 <= i < len(index):
+    item = index.item(i)
+    if item is None:
         raise HTTPException(404, "no such item")
     # Index built without thumbnails: render one from the indexed file (path from items.csv, not the URL).
     try:
-        im = load_image(index.items[i]["path"])
+        im = load_image(item["path"])
     except BadImageError as e:
         raise HTTPException(404, f"thumbnail unavailable: {e.reason}") from e
     im.thumbnail((int(index.info.get("thumb_size", 160)),) * 2)

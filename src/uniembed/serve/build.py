@@ -183,7 +183,7 @@ def _embed_new_images(
         _link_or_copy_tree(old.root / THUMBS_DIR, thumbs)
     thumbs.mkdir(exist_ok=True)
     known = {it["path"] for it in old.items} if old else set()
-    start_id = len(old) if old else 0
+    start_id = old.next_id if old else 0
     new_items, new, skipped, seen = embed_records(
         embedder, records, total, limit, known, start_id, thumbs, batch_size, thumb_size, workers, progress
     )
@@ -268,6 +268,7 @@ def _index_info(
             "requested": old.info["index"].get("requested", "auto") if old else index_type,
         },
         "count": len(built.items),
+        "next_id": max([old.next_id if old else 0, *(int(it["id"]) + 1 for it in built.items)]),
         "dim": built.dim,
         "thumb_size": thumb_size,
         "sources": sorted(

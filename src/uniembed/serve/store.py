@@ -8,6 +8,11 @@ Index directory layout (written atomically by ``uniembed.serve.build``)::
                   size + sha256 of the other files but the thumbnails (verified on load)
     thumbs/       <id>.jpg thumbnails made while indexing, so the service never reads arbitrary files
 
+Item ids are stable: an item keeps the id in items.csv's ``id`` column (and its thumbnail ``thumbs/<id>.jpg``)
+for its whole life, and a removed item's id is never handed out again (index.json ``next_id``). FAISS row i is
+items.csv row i; ``ImageIndex.position`` maps an id to its row. In an index that never had an item removed the
+two are equal.
+
 Distances are Euclidean (square root of FAISS's squared L2) between the model's L2-normalised embeddings,
 so they lie in [0, 2] and 0 means the same picture.
 """
@@ -15,7 +20,7 @@ so they lie in [0, 2] and 0 means the same picture.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +86,8 @@ def _read_item_table(path: Path, fix: str) -> list[dict[str, str]]:
                 f"{path} is damaged (line {n} does not have the columns {','.join(ITEM_FIELDS)}); {fix}"
             )
         it["path"] = absolute_path(it["path"])
+        if not it["id"].isdigit():
+            raise DamagedIndexError(f"{path} is damaged (line {n}: id {it['id'][:20]!r} is not a number); {fix}")
     return items
 
 
@@ -112,6 +119,10 @@ class ImageIndex:
     index: Any
     items: list[dict[str, str]]
     info: dict[str, Any]
+    _positions: dict[int, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._positions = {int(it["id"]): pos for pos, it in enumerate(self.items)}
 
     @classmethod
     def load(cls, index_dir: str | Path, verify: bool = True) -> ImageIndex:
@@ -146,10 +157,28 @@ class ImageIndex:
             )
         with reading(root / INFO_FILE, fix, DamagedIndexError, what="has unusable index parameters"):
             apply_search_params(index, info["index"]["type"], info["index"].get("params", {}))
-        return cls(root=root, index=index, items=items, info=info)
+        ix = cls(root=root, index=index, items=items, info=info)
+        if len(ix._positions) != len(items):
+            raise DamagedIndexError(f"{root / ITEMS_FILE} is damaged (an id appears twice); {fix}")
+        return ix
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
+
+    def position(self, item_id: int) -> int | None:
+        """The FAISS row of a stable item id, or None when no such item is indexed."""
+        return self._positions.get(int(item_id))
+
+    def item(self, item_id: int) -> dict[str, str] | None:
+        """The items.csv row of an id (None when it is not indexed)."""
+        pos = self.position(item_id)
+        return None if pos is None else self.items[pos]
+
+    @property
+    def next_id(self) -> int:
+        """The id the next added item gets: never one an item had before, even a removed one."""
+        recorded = int(self.info.get("next_id", 0) or 0)
+        return max(recorded, max(self._positions, default=-1) + 1)
 
     @property
     def fingerprint(self) -> str:
@@ -218,7 +247,7 @@ class ImageIndex:
                 it = self.items[int(i)]
                 hits.append(
                     Hit(
-                        id=int(i),
+                        id=int(it["id"]),
                         path=it["path"],
                         label=it["label"],
                         domain=it["domain"],
@@ -230,7 +259,7 @@ class ImageIndex:
 
     def thumbnail_path(self, item_id: int) -> Path | None:
         """The stored thumbnail of an indexed id, or None (ids only: callers never pass paths)."""
-        if not 0 <= item_id < len(self):
+        if self.position(item_id) is None:
             return None
         p = self.root / THUMBS_DIR / f"{int(item_id)}.jpg"
         return p if p.is_file() else None
