@@ -28,6 +28,7 @@ _COMMAND_MODULES = [
     "uniembed.eval.commands",  # evaluate
     "uniembed.export.commands",  # export
     "uniembed.serve.commands",  # index, search, serve
+    "uniembed.serve.dedup_cli",  # dedup
 ]
 #: Other installed packages add commands through this entry point group: ``register(app)`` callables. The lab
 #: (``uniembed_lab``: demo, model, bench) is one; the library itself never imports it.

@@ -99,3 +99,69 @@ def _rows(csv_path: Path) -> list[dict]:
 
     with open(csv_path) as f:
         return list(csv.DictReader(f))
+
+
+def test_filters_threshold_and_more_like_this_on_the_page(
+    server: ServerProcess, small_labels_csv: Path
+) -> None:
+    """Domain filter + result counts, "more like this" from a card, the threshold slider, a bad filter's
+    422 shown on the page, and the link to the duplicates view."""
+    from playwright.sync_api import expect, sync_playwright
+
+    rows = _rows(small_labels_csv)
+    produce = sum(r["domain"] == "produce" for r in rows)
+    shot = repo_root() / "artifacts" / "screenshots" / "search_filters.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url + "/")
+            domains = {r["domain"] for r in rows}
+            expect(page.locator("#domain option")).to_have_count(len(domains) + 1, timeout=15_000)
+            assert page.locator("#dup-link").get_attribute("href") == "/duplicates/view"
+
+            page.select_option("#domain", "produce")
+            page.select_option("#k", "10")
+            page.set_input_files("#file", str(grocery_query(small_labels_csv)))
+            cards = page.locator("#results .result")
+            status = page.locator("#status")
+            expect(status).to_contain_text(f"10 results of {produce} matching", timeout=20_000)
+            assert set(cards.locator(".domain").all_inner_texts()) == {"produce"}
+
+            cards.first.locator("button.more").click()
+            expect(page.locator("#status")).to_contain_text(f"of {produce - 1} matching", timeout=20_000)
+            expect(page.locator("#drop-text")).to_contain_text("more like #")
+            item = page.locator("#preview").get_attribute("src")
+            assert item and item.startswith("/thumb/")
+            srcs = cards.locator("img").evaluate_all("els => els.map(e => e.getAttribute('src'))")
+            assert len(srcs) == 10 and item not in srcs
+            assert set(cards.locator(".domain").all_inner_texts()) == {"produce"}
+            dists = [float(t.split()[-1]) for t in cards.locator(".distance").all_inner_texts()]
+
+            # A slider stop (0.01 steps) that keeps some of them but not all, clear of any shown distance.
+            cut = next(
+                c / 100
+                for c in range(1, 200)
+                if 0 < sum(d <= c / 100 for d in dists) < 10 and min(abs(d - c / 100) for d in dists) > 0.002
+            )
+            page.locator("#maxdist").evaluate(
+                "(el, v) => { el.value = v; el.dispatchEvent(new Event('input'));"
+                " el.dispatchEvent(new Event('change')); }",
+                str(cut),
+            )
+            expect(page.locator("#maxdist-value")).to_have_text(f"{cut:.2f}")
+            expect(page.locator("#status")).to_contain_text(f"within {cut}", timeout=20_000)
+            kept = [float(t.split()[-1]) for t in cards.locator(".distance").all_inner_texts()]
+            assert kept == [d for d in dists if d <= cut] and 0 < len(kept) < 10
+            page.screenshot(path=str(shot), full_page=True)
+
+            page.fill("#more-filters", "shape=round")
+            page.locator("#more-filters").dispatch_event("change")
+            expect(page.locator("#status")).to_contain_text("Error 422: unknown filter column 'shape'")
+            expect(cards).to_have_count(0)
+            assert not errors, errors
+        finally:
+            browser.close()

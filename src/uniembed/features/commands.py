@@ -73,6 +73,22 @@ _CHECKPOINT = typer.Option(
     min=0.0,
     help="Save the progress of unfinished shards this often (and on Ctrl-C); a rerun continues from it.",
 )
+_RAY = typer.Option(
+    None,
+    "--ray",
+    metavar="auto|HOST:PORT",
+    help="Run on a Ray cluster (pip install 'uniembed[cluster]'): 'auto' joins the cluster of RAY_ADDRESS or "
+    "a running local one, else starts a local one; HOST:PORT joins that head. Same cache, same features; "
+    "finished blocks survive a killed run and a rerun resumes from them.",
+)
+_RAY_ACTORS = typer.Option(
+    None, "--ray-actors", min=1, help="Model replicas (default: as many as the cluster's CPUs/GPUs fit)."
+)
+_RAY_CPUS = typer.Option(1.0, "--ray-cpus-per-actor", min=0.0, help="CPUs each model actor reserves.")
+_RAY_GPUS = typer.Option(
+    0.0, "--ray-gpus-per-actor", min=0.0, help="GPUs each model actor reserves (> 0: torch on the GPU)."
+)
+_RAY_TASK_CPUS = typer.Option(1.0, "--ray-cpus-per-task", min=0.01, help="CPUs each decode task reserves.")
 
 
 def register(app: typer.Typer) -> None:
@@ -94,6 +110,11 @@ def extract_cmd(
     compile: bool = _COMPILE,
     quiet: bool = _QUIET,
     checkpoint_seconds: float = _CHECKPOINT,
+    ray: str | None = _RAY,
+    ray_actors: int | None = _RAY_ACTORS,
+    ray_cpus_per_actor: float = _RAY_CPUS,
+    ray_gpus_per_actor: float = _RAY_GPUS,
+    ray_cpus_per_task: float = _RAY_TASK_CPUS,
 ) -> None:
     """Extract pooled frozen-backbone features of every image of a prepared dataset (or of an image source
     read directly).
@@ -101,6 +122,8 @@ def extract_cmd(
     Cached: a rerun with the same backbone, weights, pooling and dataset returns at once.
 
     Resumable: a killed or interrupted run continues from its last checkpoint (every --checkpoint-seconds).
+
+    Cluster: --ray runs it as Ray Data batch inference (decode tasks, an actor pool of models).
     """
     from uniembed.core.interrupt import exit_on_interrupt
 
@@ -118,11 +141,22 @@ def extract_cmd(
         checkpoint_seconds=checkpoint_seconds,
     )
     with exit_on_interrupt():
-        result = _run_extract(dataset_dir, compile, common)
+        cluster = None
+        if ray is not None:
+            cluster = dict(
+                address=ray,
+                actors=ray_actors,
+                cpus_per_actor=ray_cpus_per_actor,
+                gpus_per_actor=ray_gpus_per_actor,
+                cpus_per_task=ray_cpus_per_task,
+            )
+        result = _run_extract(dataset_dir, compile, common, cluster)
     _print_summary(result)
 
 
-def _run_extract(dataset_dir: str, compile: bool, common: dict[str, Any]) -> ExtractResult:
+def _run_extract(
+    dataset_dir: str, compile: bool, common: dict[str, Any], cluster: dict[str, Any] | None = None
+) -> ExtractResult:
     """Extract through the shards or straight from the files; user errors exit with status 1, a damaged input
     file (manifest, shard) with status 2.
 
@@ -135,6 +169,8 @@ def _run_extract(dataset_dir: str, compile: bool, common: dict[str, Any]) -> Ext
     arg = Path(dataset_dir)
     direct = not arg.is_dir() or ((arg / "labels.csv").exists() and not (arg / "manifest.json").exists())
     try:
+        if cluster is not None:
+            return _run_on_ray([dataset_dir] if direct else dataset_dir, common, cluster)
         if direct:
             return ex.extract_files_with_stats([dataset_dir], **common)
         return ex.extract_with_stats(dataset_dir, compile=compile, **common)
@@ -142,6 +178,14 @@ def _run_extract(dataset_dir: str, compile: bool, common: dict[str, Any]) -> Ext
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         typer.echo(f"extract failed: {msg}", err=True)
         raise typer.Exit(code=2 if isinstance(e, DamagedFileError) else 1) from None
+
+
+def _run_on_ray(source: str | list[str], common: dict[str, Any], cluster: dict[str, Any]) -> ExtractResult:
+    """The Ray path (``features/ray_extract.py``); decode workers and checkpoints are Ray's business there."""
+    from uniembed.features import ray_extract as rx
+
+    opts = {k: v for k, v in common.items() if k not in ("workers", "checkpoint_seconds")}
+    return rx.extract_ray_with_stats(source, ray=rx.RayOptions(**cluster), **opts)
 
 
 def _print_summary(result: ExtractResult) -> None:
@@ -154,6 +198,8 @@ def _print_summary(result: ExtractResult) -> None:
         speed = "cached (nothing to do)"
     else:
         reused = [f"{st.reused_shards} shard(s) reused"] if st.reused_shards else []
+        if info.get("ray", {}).get("reused_blocks"):
+            reused.append(f"{info['ray']['reused_blocks']} block(s) reused")
         if info.get("resumed_images"):
             reused.append(f"{info['resumed_images']} image(s) resumed from a checkpoint")
         speed = f"{st.images_per_s:.1f} images/s ({', '.join([st.engine, *reused])})"

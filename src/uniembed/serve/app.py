@@ -1,8 +1,12 @@
 """The image-search HTTP service: FastAPI over a loaded index and the GUIE model.
 
 Endpoints: ``POST /search`` and ``POST /embed`` (multipart field ``image``, or a raw ``image/*`` body),
+``GET /search?id=N`` ("more like this": the stored vector of item N), ``GET /facets`` (filter choices),
 ``GET /health``, ``GET /thumb/{id}`` (indexed ids only: no path ever reaches the file system from a
-request), ``GET /`` (an offline web page from ``static/``). Every bad input gets a 4xx JSON
+request), ``GET /`` (an offline web page from ``static/``). Searches take ``k``, ``max_distance`` and
+repeatable ``filter`` (``domain=toys``, ``label^=coil100:``, ``colour!=red``: see ``serve/filters.py``) as
+form fields or query parameters. Routes read the index from ``app.state.index`` on every request, so
+swapping in a new ``ImageIndex`` there changes what the next request searches. Every bad input gets a 4xx JSON
 ``{"detail": ...}``; nothing a client sends can take the process down. Statuses: 413 for bytes over
 ``--max-upload-mb``, 422 for pixels over ``--max-pixels`` (or an image that cannot be decoded), 503 with
 ``Retry-After`` when every decode/embed slot is taken and the queue is full (``serve/admission.py``).
@@ -11,22 +15,25 @@ request), ``GET /`` (an offline web page from ``static/``). Every bad input gets
 from __future__ import annotations
 
 import io
+import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from uniembed.export.embedder import Embedder
-from uniembed.serve.admission import Admission, ServerBusy, decode_side, release_memory
+from uniembed.serve.admission import Admission, ServerBusy, decode_side
 from uniembed.serve.body_limit import MULTIPART_SLACK, BodySizeLimit
+from uniembed.serve.dedup_routes import add_duplicate_routes
+from uniembed.serve.edit_routes import add_edit_routes
+from uniembed.serve.filters import Filter, FilterError, parse_filters
 from uniembed.serve.index import ImageIndex, open_index_and_model
 from uniembed.serve.limits import (
     DEFAULT_K,
@@ -34,47 +41,17 @@ from uniembed.serve.limits import (
     MAX_K,
     ServiceLimits,
     k_error,
-    pixels_message,
+)
+from uniembed.serve.uploads import (  # noqa: F401  (re-exported: the service's upload API)
+    ALLOWED_TYPES,
+    NEUTRAL_TYPES,
+    decode_upload,
+    embed_bytes,
+    read_upload,
+    sniff_image_type,
 )
 
 STATIC_DIR = Path(__file__).parent / "static"
-
-#: Image types the service decodes (sniffed from the bytes; a declared type alone is not trusted).
-ALLOWED_TYPES = {
-    "image/jpeg",
-    "image/png",
-    "image/gif",
-    "image/webp",
-    "image/bmp",
-    "image/x-ms-bmp",
-    "image/tiff",
-}
-#: Declared types that say "no opinion" and so fall back to sniffing.
-NEUTRAL_TYPES = {"", "application/octet-stream"}
-#: File parts a multipart form may carry; more than one ``image`` is refused with a message (up to this many).
-MAX_FORM_FILES = 8
-NO_IMAGE = (
-    "no image: send the file as multipart/form-data field 'image' "
-    "(or the image bytes as the request body with an image/* Content-Type)"
-)
-
-
-def sniff_image_type(data: bytes) -> str | None:
-    """MIME type from the file's magic bytes, or None for anything we do not decode."""
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    if data[:2] == b"BM":
-        return "image/bmp"
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return "image/tiff"
-    return None
-
 
 def _install_error_handlers(app: FastAPI) -> None:
     """Invalid requests answer 422 with one readable line; any other exception answers 500, not a crash."""
@@ -98,77 +75,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
 
-async def _request_image(request: Request) -> tuple[str, bytes, dict[str, Any]]:
-    """(declared type, bytes, extra form fields) of a multipart ``image`` part or a raw image body."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "multipart/form-data":
-        form = await request.form(max_files=MAX_FORM_FILES, max_fields=16)
-        parts = form.getlist("image")
-        if not parts:
-            raise HTTPException(400, "missing form field 'image' (multipart/form-data file upload)")
-        if len(parts) > 1:
-            raise HTTPException(422, f"send one image per request; got {len(parts)} 'image' fields")
-        part = parts[0]
-        if not isinstance(part, UploadFile):
-            raise HTTPException(400, "form field 'image' must be a file, not text")
-        declared = (part.content_type or "").split(";")[0].strip().lower()
-        data = await part.read()
-        return declared, data, {k: v for k, v in form.items() if k != "image" and isinstance(v, str)}
-    if ctype.startswith("image/") or ctype in NEUTRAL_TYPES:
-        body = await request.body()
-        if not body:
-            raise HTTPException(400, NO_IMAGE)
-        return ctype, body, {}
-    raise HTTPException(
-        415,
-        f"unsupported request type {ctype!r}: send multipart/form-data with an "
-        "'image' file, or the image bytes with an image/* Content-Type",
-    )
-
-
-async def read_upload(request: Request, limits: ServiceLimits) -> tuple[bytes, dict[str, Any]]:
-    """The uploaded image bytes and any extra form fields; 4xx for every malformed request."""
-    declared, data, fields = await _request_image(request)
-    if declared not in NEUTRAL_TYPES and declared not in ALLOWED_TYPES:
-        raise HTTPException(
-            415, f"unsupported media type {declared!r}; allowed: {', '.join(sorted(ALLOWED_TYPES))}"
-        )
-    if not data:
-        raise HTTPException(400, "empty upload: the image has 0 bytes")
-    if len(data) > limits.max_bytes:
-        raise HTTPException(
-            413, f"upload too large: {len(data) / 2**20:.1f} MiB; the limit is {limits.max_upload_mb:g} MiB"
-        )
-    if sniff_image_type(data) is None:
-        raise HTTPException(415, "not an image: the bytes are not JPEG, PNG, GIF, WebP, BMP or TIFF")
-    return data, fields
-
-
-def decode_upload(data: bytes, limits: ServiceLimits) -> Any:
-    """The upload as an RGB image reduced to about the model's size; 422 for more pixels than the budget
-    (before any decoding) or for anything that cannot be decoded."""
-    from uniembed.data.images import BadImageError, TooManyPixelsError, load_image
-
-    try:
-        return load_image(data, max_pixels=limits.max_pixels, reduce_to=limits.decode_side)
-    except TooManyPixelsError as e:
-        raise HTTPException(422, pixels_message(e.size, limits.max_pixels)) from e
-    except BadImageError as e:
-        raise HTTPException(422, f"cannot decode image: {e}") from e
-
-
-def embed_bytes(embedder: Embedder, data: bytes, limits: ServiceLimits | None = None) -> Any:
-    """The embedding [1, D] of an uploaded image (see ``decode_upload``); the memory the decode freed goes
-    back to the OS afterwards."""
-    try:
-        vec = embedder.embed_images([decode_upload(data, limits or ServiceLimits())])
-    finally:
-        release_memory()
-    if not np.isfinite(vec).all():
-        raise HTTPException(422, "the model produced a non-finite embedding for this image")
-    return vec
-
-
 def parse_k(raw: Any, limits: ServiceLimits) -> int:
     """The requested number of results (form field or query parameter), else the default; 422 if invalid."""
     if raw is None or raw == "":
@@ -181,6 +87,45 @@ def parse_k(raw: Any, limits: ServiceLimits) -> int:
     if error:
         raise HTTPException(422, error)
     return k
+
+
+def parse_max_distance(raw: Any) -> float | None:
+    """The distance cut-off of a search (None: no cut-off); 422 unless a number in [0, 2]."""
+    if raw is None or str(raw).strip() == "":
+        return None
+    try:
+        d = float(str(raw).strip())
+    except ValueError:
+        d = math.nan
+    if not 0.0 <= d <= 2.0:  # NaN fails too
+        raise HTTPException(422, f"max_distance must be a number in [0, 2], got {str(raw)[:40]!r}")
+    return d
+
+
+def request_filters(index: ImageIndex, texts: list[str]) -> list[Filter]:
+    """The request's ``filter`` values parsed and checked against the index's columns; 422 with the known
+    columns for an unknown one."""
+    try:
+        filters = parse_filters(texts)
+        index.columns.check(filters)
+    except FilterError as e:
+        raise HTTPException(422, str(e)) from e
+    return filters
+
+
+def search_answer(
+    index: ImageIndex, vec: Any, k: int, max_distance: float | None, filters: list[Filter], exclude: list[int]
+) -> dict[str, Any]:
+    """Results plus ``matched`` (items passing the filters) out of ``total``, for "5 of 312 matching"."""
+    hits = index.search_batch(vec, k, max_distance=max_distance, filters=filters, exclude_ids=exclude)[0]
+    return {
+        "results": [{**h.to_dict(), "thumbnail": f"/thumb/{h.id}"} for h in hits],
+        "k": k,
+        "matched": index.matching(filters, exclude),
+        "total": len(index),
+        "max_distance": max_distance,
+        "filters": [str(f) for f in filters],
+    }
 
 
 def thumbnail_response(index: ImageIndex, item_id: str) -> Response:
@@ -208,8 +153,58 @@ def thumbnail_response(index: ImageIndex, item_id: str) -> Response:
     return Response(buf.getvalue(), media_type="image/jpeg")
 
 
-def _add_routes(app: FastAPI, index: ImageIndex, embedder: Embedder, limits: ServiceLimits) -> None:
-    """/, /health, /search, /embed and /thumb/{id} (in this order in the OpenAPI schema)."""
+def _item_id(raw: str | None, index: ImageIndex) -> int:
+    """The ``id`` of a "more like this" request: 422 if not a number, 404 if no such item is indexed."""
+    if raw is None or not raw.strip().isdigit() or len(raw.strip()) > 12:
+        raise HTTPException(422, f"id must be an item id (a number), got {str(raw)[:40]!r}")
+    if index.position(int(raw)) is None:
+        raise HTTPException(404, f"no item with id {int(raw)}")
+    return int(raw)
+
+
+def _add_search_routes(app: FastAPI, embed_admitted: Callable[[bytes], Any], limits: ServiceLimits) -> None:
+    """POST /search (an uploaded image), GET /search?id=N (more like this) and GET /facets."""
+
+    @app.post("/search")
+    async def search(request: Request) -> dict[str, Any]:
+        """Top-k indexed images nearest to the uploaded one (nearest first), within ``max_distance`` and
+        passing every ``filter``."""
+        t0 = time.perf_counter()
+        index: ImageIndex = request.app.state.index
+        data, fields = await read_upload(request, limits)
+        q = request.query_params
+        k = parse_k(fields.get("k", q.get("k")), limits)
+        max_distance = parse_max_distance(fields.get("max_distance", q.get("max_distance")))
+        filters = request_filters(index, [*fields.get("filter", []), *q.getlist("filter")])
+        vec = await embed_admitted(data)
+        answer = await run_in_threadpool(search_answer, index, vec, k, max_distance, filters, [])
+        return {**answer, "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+    @app.get("/search")
+    async def more_like_this(request: Request) -> dict[str, Any]:
+        """More like this: the items nearest to indexed item ``id`` (itself left out); same ``k``,
+        ``max_distance`` and ``filter`` parameters as POST /search."""
+        t0 = time.perf_counter()
+        index: ImageIndex = request.app.state.index
+        q = request.query_params
+        item_id = _item_id(q.get("id"), index)
+        k = parse_k(q.get("k"), limits)
+        max_distance = parse_max_distance(q.get("max_distance"))
+        filters = request_filters(index, q.getlist("filter"))
+        vec = await run_in_threadpool(index.vector, item_id)
+        answer = await run_in_threadpool(search_answer, index, vec, k, max_distance, filters, [item_id])
+        return {**answer, "id": item_id, "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+    @app.get("/facets")
+    def facet_values(request: Request) -> dict[str, Any]:
+        """Filter choices for the page: domains, label prefixes and metadata columns with their values."""
+        index: ImageIndex = request.app.state.index
+        return {"total": len(index), **index.columns.facets()}
+
+
+def _add_routes(app: FastAPI, embedder: Embedder, limits: ServiceLimits) -> None:
+    """/, /search, /facets, /health, /embed and /thumb/{id}. Each request reads the index from
+    ``app.state.index`` once and uses that one throughout."""
     gate = Admission(limits.slots, limits.queue, limits.queue_wait_s)
     app.state.admission = gate
 
@@ -217,13 +212,16 @@ def _add_routes(app: FastAPI, index: ImageIndex, embedder: Embedder, limits: Ser
         async with gate.slot():
             return await run_in_threadpool(embed_bytes, embedder, data, limits)
 
+    _add_search_routes(app, embed_admitted, limits)
+
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    def health(request: Request) -> dict[str, Any]:
         """Liveness plus what is loaded, so a client can check it talks to the right index and model."""
+        index: ImageIndex = request.app.state.index
         return {
             "status": "ok",
             "count": len(index),
@@ -242,17 +240,6 @@ def _add_routes(app: FastAPI, index: ImageIndex, embedder: Embedder, limits: Ser
             "waiting": gate.waiting,
         }
 
-    @app.post("/search")
-    async def search(request: Request) -> dict[str, Any]:
-        """Top-k indexed images nearest to the uploaded one (nearest first)."""
-        t0 = time.perf_counter()
-        data, fields = await read_upload(request, limits)
-        k = parse_k(fields.get("k", request.query_params.get("k")), limits)
-        vec = await embed_admitted(data)
-        hits = (await run_in_threadpool(index.search_batch, vec, k))[0]
-        results = [{**h.to_dict(), "thumbnail": f"/thumb/{h.id}"} for h in hits]
-        return {"results": results, "k": k, "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
-
     @app.post("/embed")
     async def embed(request: Request) -> dict[str, Any]:
         """The model's embedding of the uploaded image."""
@@ -265,13 +252,13 @@ def _add_routes(app: FastAPI, index: ImageIndex, embedder: Embedder, limits: Ser
         }
 
     @app.get("/thumb/{item_id}")
-    def thumb(item_id: str) -> Response:
+    def thumb(request: Request, item_id: str) -> Response:
         """Thumbnail of an indexed id. The id is the only input: there is no path to traverse."""
-        return thumbnail_response(index, item_id)
+        return thumbnail_response(request.app.state.index, item_id)
 
 
 def create_app(
-    index_dir: str | Path,
+    index_dir: str | Path | ImageIndex,
     model_path: str | Path | None = None,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     default_k: int = DEFAULT_K,
@@ -281,19 +268,23 @@ def create_app(
     engine: str = "auto",
     limits: ServiceLimits | None = None,
     verify: bool = True,
+    edit_token: str | None = None,
 ) -> FastAPI:
     """Load the index and the model, check they belong together, and return the ASGI app.
 
-    ``limits`` (pixels, concurrency, queue, ...), when given, replaces ``max_upload_mb``, ``default_k`` and
-    ``max_k``. ``verify`` False skips checking the index files against their checksums.
+    ``index_dir`` may be an already loaded ``ImageIndex`` (with ``embedder``). ``limits`` (pixels,
+    concurrency, queue, ...), when given, replaces ``max_upload_mb``, ``default_k`` and ``max_k``.
+    ``verify`` False skips checking the index files against their checksums. ``edit_token``: POST /items
+    and DELETE /items/{id} accept edits with it (None: they answer that edits are off).
 
     Raises ``ModelMismatchError`` when the model's fingerprint is not the one the index was built with: the
     vectors would live in different spaces and every answer would be silently wrong.
     """
     if embedder is None:
-        index, embedder = open_index_and_model(index_dir, model_path, engine=engine, verify=verify)
+        where = index_dir.root if isinstance(index_dir, ImageIndex) else index_dir
+        index, embedder = open_index_and_model(where, model_path, engine=engine, verify=verify)
     else:
-        index = ImageIndex.load(index_dir, verify=verify)
+        index = index_dir if isinstance(index_dir, ImageIndex) else ImageIndex.load(index_dir, verify=verify)
         index.check_embedder(embedder)
     if warmup:
         embedder.warmup()
@@ -307,5 +298,7 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_bytes + MULTIPART_SLACK)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _install_error_handlers(app)
-    _add_routes(app, index, embedder, limits)
+    _add_routes(app, embedder, limits)
+    add_edit_routes(app, embedder, limits, edit_token)
+    add_duplicate_routes(app)
     return app

@@ -9,6 +9,7 @@ index.json, written last, records the size and sha256 of every other file but th
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from uniembed.core.integrity import CHECKSUMS_KEY, checksums
 from uniembed.core.runtime import torch_threads
 from uniembed.export.embedder import Embedder, file_fingerprint, load_embedder, resolve_model_path
 from uniembed.serve.adapt_plan import AdaptPlan
+from uniembed.serve.edit_rows import UPLOADS_DIR
 from uniembed.serve.errors import ImageIndexError
 from uniembed.serve.faiss_index import (
     INDEX_TYPES,
@@ -34,8 +36,8 @@ from uniembed.serve.faiss_index import (
     default_params,
     make_faiss_index,
 )
-from uniembed.serve.ingest import embed_records
-from uniembed.serve.items import ImageRecord, absolute_path, open_sources, write_items
+from uniembed.serve.ingest import embed_records, embed_records_ray, ray_embedding
+from uniembed.serve.items import META_FIELD, ImageRecord, absolute_path, meta_cell, open_sources, write_items
 from uniembed.serve.store import INDEX_FILE, INFO_FILE, ITEMS_FILE, THUMBS_DIR, ImageIndex
 
 
@@ -175,18 +177,35 @@ def _embed_new_images(
     thumb_size: int,
     workers: int | None,
     progress: bool,
+    ray: tuple[Any, Any] | None = None,
 ) -> tuple[list[dict[str, str]], np.ndarray, list[dict[str, str]]]:
     """(new items, their vectors, skip entries) for the records not yet indexed, with thumbnails in
-    ``tmp``; the old index's thumbnails are carried over first. Fails if a fresh build indexed nothing."""
+    ``tmp``; the old index's thumbnails are carried over first. Fails if a fresh build indexed nothing.
+    ``ray``: (cluster options, embedder recipe) to embed on a Ray cluster instead of here."""
     thumbs = tmp / THUMBS_DIR
     if old is not None:
         _link_or_copy_tree(old.root / THUMBS_DIR, thumbs)
+        if (old.root / UPLOADS_DIR).is_dir():  # originals of images added with POST /items (edits.py)
+            _link_or_copy_tree(old.root / UPLOADS_DIR, tmp / UPLOADS_DIR)
     thumbs.mkdir(exist_ok=True)
     known = {it["path"] for it in old.items} if old else set()
     start_id = old.next_id if old else 0
-    new_items, new, skipped, seen = embed_records(
-        embedder, records, total, limit, known, start_id, thumbs, batch_size, thumb_size, workers, progress
+    metas: dict[str, str] = {}
+
+    def noting_meta(recs: Iterator[ImageRecord]) -> Iterator[ImageRecord]:
+        for r in recs:  # the extra labels.csv columns travel to items.csv beside the row ingest makes
+            if r.meta:
+                metas[r.path] = meta_cell(r.meta)
+            yield r
+
+    embed = embed_records if ray is None else functools.partial(embed_records_ray, ray=ray)
+    new_items, new, skipped, seen = embed(
+        embedder, noting_meta(records), total, limit, known, start_id, thumbs, batch_size, thumb_size,
+        workers, progress,
     )
+    for it in new_items:
+        if it["path"] in metas:
+            it[META_FIELD] = metas[it["path"]]
     if not new_items and old is None:
         counts = dict(Counter(s["reason"] for s in skipped))
         raise ImageIndexError(f"no image could be indexed ({seen} seen; skipped: {counts or 'none'})")
@@ -315,6 +334,7 @@ def build_index(
     pooling: str | None = None,
     refit: bool = False,
     verify: bool = True,
+    ray: dict[str, Any] | None = None,
 ) -> BuildResult:
     """Embed ``images`` with the model and write (or with ``add`` extend) a FAISS index at ``out_dir``.
 
@@ -331,7 +351,8 @@ def build_index(
     ``adapt``: to that spec) and rewrites every vector and the query model.
 
     Image paths are stored absolute (see ``uniembed.serve.items``); ``verify`` False skips the checksum check
-    of the index ``add`` extends.
+    of the index ``add`` extends. ``ray`` (``features.ray_extract.RayOptions`` fields): embed the images on
+    a Ray cluster, each actor running the same model; the index is then built here as usual.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -346,8 +367,10 @@ def build_index(
         total = min(total, limit)
     with torch_threads(threads) as n_threads, building_dir(out_dir) as tmp:
         embedder = _load_embedder(how, batch_size, engine, n_threads)
+        backbone_obj = how.plan.backbone if how.plan else None
+        on_ray = ray_embedding(how.model_file, backbone_obj, ray, batch_size, engine)
         new_items, new, skipped = _embed_new_images(
-            embedder, records, total, old, tmp, limit, batch_size, thumb_size, workers, progress
+            embedder, records, total, old, tmp, limit, batch_size, thumb_size, workers, progress, on_ray
         )
         rows = _finish_rows(how, new_items, new, tmp, out_dir, old, n_threads)
         built = _assemble(old, rows, index_type, params)

@@ -32,6 +32,29 @@ ThreadsOption = Annotated[
         help="Intra-op CPU threads for the model (default: the cores not already busy, by load average).",
     ),
 ]
+RayOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="auto|HOST:PORT",
+        help="Embed the images on a Ray cluster (pip install 'uniembed[cluster]'), then build the index "
+        "here: 'auto' joins RAY_ADDRESS's cluster or a running local one, else starts one; HOST:PORT joins "
+        "that head.",
+    ),
+]
+RayActorsOption = Annotated[
+    int | None,
+    typer.Option("--ray-actors", min=1, help="Model replicas on the cluster (default: what fits)."),
+]
+RayCpusOption = Annotated[
+    float, typer.Option("--ray-cpus-per-actor", min=0.0, help="CPUs each model actor reserves.")
+]
+RayGpusOption = Annotated[
+    float, typer.Option("--ray-gpus-per-actor", min=0.0, help="GPUs each model actor reserves.")
+]
+RayTaskCpusOption = Annotated[
+    float, typer.Option("--ray-cpus-per-task", min=0.01, help="CPUs each decode task reserves.")
+]
 
 NoVerifyOption = Annotated[
     bool,
@@ -43,7 +66,7 @@ NoVerifyOption = Annotated[
 
 # ----------------------------------------------------------------------------------------- uniembed index
 ImagesOption = Annotated[
-    list[Path],
+    list[Path] | None,
     typer.Option(
         "--images",
         "-i",
@@ -222,4 +245,71 @@ QueueOption = Annotated[
 QueueTimeoutOption = Annotated[
     float,
     typer.Option("--queue-timeout", min=0.0, help="Seconds a request waits for a slot before its 503."),
+]
+
+# ---------------------------------------------------------------------------------------- uniembed search
+MaxDistanceOption = Annotated[
+    float | None,
+    typer.Option(
+        "--max-distance",
+        min=0.0,
+        max=2.0,
+        help="Drop results farther than this (Euclidean distance between unit vectors: 0 = the same "
+        "picture, 2 = opposite).",
+    ),
+]
+FilterOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--filter",
+        help="Only items with COLUMN=VALUE, COLUMN^=PREFIX (starts with) or COLUMN!=VALUE; repeat to "
+        "combine (all must hold). Columns: label, domain, path, source and the extra columns of the "
+        "labels.csv the index was built from.",
+    ),
+]
+ItemIdOption = Annotated[
+    int | None,
+    typer.Option(
+        "--id",
+        min=0,
+        help="More like this: search with the stored vector of this indexed item (left out of its own "
+        "results) instead of query images.",
+    ),
+]
+
+# ------------------------------------------------------------------------------------------------- edits
+RemoveOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--remove",
+        help="Remove this item from the index at --out instead of building: its id (all digits) or its "
+        "indexed path; repeatable. Other items keep their ids and thumbnails; removed ids are never reused. "
+        "An unknown id or path is an error (exit 2) and nothing is removed.",
+    ),
+]
+RemoveFromOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--remove-from",
+        help="Remove the ids or paths listed in this file, one per line (e.g. the to_delete.txt of "
+        "`uniembed dedup --keep`); blank lines and lines starting with # are skipped.",
+    ),
+]
+AllowEditsOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-edits",
+        help="Enable POST /items (add an image) and DELETE /items/{id} on the live index. Needs a token "
+        "(--edit-token or UNIEMBED_EDIT_TOKEN); each edit must send 'Authorization: Bearer TOKEN'.",
+    ),
+]
+EditTokenOption = Annotated[
+    str | None,
+    typer.Option(
+        "--edit-token",
+        envvar="UNIEMBED_EDIT_TOKEN",
+        show_envvar=True,
+        help="The bearer token edits must carry (with --allow-edits). Prefer the environment variable: "
+        "a command-line argument is visible to other users of the machine in the process list.",
+    ),
 ]

@@ -5,7 +5,6 @@ Heavy imports (torch, faiss, fastapi) happen inside the commands so ``uniembed -
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -14,10 +13,12 @@ import typer
 from uniembed.serve.cli_options import (
     AdaptOption,
     AddOption,
+    AllowEditsOption,
     BackboneOption,
     BatchSizeOption,
     DefaultKOption,
     DomainOption,
+    EditTokenOption,
     EfConstructionOption,
     EfSearchOption,
     EngineOption,
@@ -39,7 +40,14 @@ from uniembed.serve.cli_options import (
     PqMOption,
     QueueOption,
     QueueTimeoutOption,
+    RayActorsOption,
+    RayCpusOption,
+    RayGpusOption,
+    RayOption,
+    RayTaskCpusOption,
     RefitOption,
+    RemoveFromOption,
+    RemoveOption,
     ThreadsOption,
     ThumbSizeOption,
 )
@@ -51,12 +59,10 @@ from uniembed.serve.limits import (
     DEFAULT_QUEUE_WAIT_S,
     MAX_K,
     ServiceLimits,
-    k_error,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
     from uniembed.serve.build import BuildResult
-    from uniembed.serve.store import Hit
 
 _MODEL_HINT = " (this is the model recorded in the index; pass --model to use another copy of it)"
 
@@ -162,7 +168,7 @@ def print_build_summary(res: BuildResult) -> None:
 
 
 def index_command(
-    images: ImagesOption,
+    images: ImagesOption = None,
     out: OutOption = Path("artifacts/index"),
     model: IndexModelOption = None,
     adapt: AdaptOption = None,
@@ -185,9 +191,25 @@ def index_command(
     engine: EngineOption = "auto",
     threads: ThreadsOption = None,
     no_verify: NoVerifyOption = False,
+    remove: RemoveOption = None,
+    remove_from: RemoveFromOption = None,
+    ray: RayOption = None,
+    ray_actors: RayActorsOption = None,
+    ray_cpus_per_actor: RayCpusOption = 1.0,
+    ray_gpus_per_actor: RayGpusOption = 0.0,
+    ray_cpus_per_task: RayTaskCpusOption = 1.0,
 ) -> None:
     """Embed images with a saved_model.pt (or, with --adapt, a backbone + a projection fitted on the images)
-    and build (or --add to) a FAISS index for search and serve."""
+    and build (or --add to) a FAISS index for search and serve; or --remove items from it."""
+    if remove or remove_from is not None:
+        from uniembed.serve.edit_cli import run_remove
+
+        if images or add:
+            raise _fail("--remove edits the index at --out: run it without --images/--add (add separately)")
+        run_remove(out, remove or [], remove_from, verify=not no_verify)
+        return
+    if not images:
+        raise _fail("give --images SOURCE to index (or --remove ID_OR_PATH to remove items from --out)")
     overrides = {
         "nlist": nlist,
         "nprobe": nprobe,
@@ -215,102 +237,17 @@ def index_command(
         engine=engine,
         threads=threads,
         verify=not no_verify,
+        ray=None
+        if ray is None
+        else dict(
+            address=ray,
+            actors=ray_actors,
+            cpus_per_actor=ray_cpus_per_actor,
+            gpus_per_actor=ray_gpus_per_actor,
+            cpus_per_task=ray_cpus_per_task,
+        ),
     )
     print_build_summary(res)
-
-
-def print_search_tables(queries: list[Path], all_hits: list[list[Hit]], failed: list[dict[str, str]]) -> None:
-    """One table of results per query, then the queries that could not be read (on stderr)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    for q, hits in zip(queries, all_hits, strict=True):
-        t = Table(title=f"query {q}")
-        for col in ("#", "distance", "label", "domain", "path"):
-            t.add_column(col, overflow="fold")
-        for rank, h in enumerate(hits, 1):
-            t.add_row(str(rank), f"{h.distance:.4f}", h.label, h.domain, h.path)
-        console.print(t)
-    for f in failed:
-        Console(stderr=True, soft_wrap=True).print(
-            f"[red]cannot read {f['query']}:[/] {f['error']}", highlight=False
-        )
-
-
-def search_command(
-    images: Annotated[list[Path], typer.Argument(help="Query image file(s).")],
-    index: Annotated[
-        Path, typer.Option("--index", help="Index directory written by `uniembed index`.")
-    ] = Path("artifacts/index"),
-    k: Annotated[
-        int, typer.Option("-k", "--top-k", help=f"Number of results per query (1 to {MAX_K}).")
-    ] = DEFAULT_K,
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            "--model",
-            "-m",
-            help="saved_model.pt to embed queries with "
-            "(default: the model recorded in the index; it must have the "
-            "same fingerprint). An index built with --adapt uses its own query_model.pt.",
-        ),
-    ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print results as JSON instead of a table.")
-    ] = False,
-    grid: Annotated[
-        Path | None, typer.Option("--grid", help="Also draw each query beside its results into this PNG.")
-    ] = None,
-    engine: EngineOption = "auto",
-    threads: ThreadsOption = None,
-    no_verify: NoVerifyOption = False,
-) -> None:
-    """Find the indexed images nearest to each query image (top-k with distances, labels and paths)."""
-    from rich.console import Console
-
-    from uniembed.core.runtime import free_cores
-    from uniembed.data.images import BadImageError, load_image
-    from uniembed.export.embedder import ModelError
-    from uniembed.serve.index import ImageIndexError, open_index_and_model
-
-    if k_error(k):
-        raise _fail(str(k_error(k)))
-    try:
-        ix, embedder = open_index_and_model(
-            index, model, engine=engine, threads=threads or free_cores(), verify=not no_verify
-        )
-    except (ImageIndexError, ModelError) as e:
-        raise _fail(str(e) + _MODEL_HINT * (model is None and isinstance(e, ModelError))) from None
-
-    queries, pil, failed = [], [], []
-    for p in images:
-        try:
-            pil.append(load_image(p))
-            queries.append(p)
-        except BadImageError as e:
-            failed.append({"query": str(p), "error": str(e)})
-    all_hits = ix.search_batch(embedder.embed_images(pil), k) if pil else []
-    if ix.adapted and not as_json:  # JSON output stays machine-readable; the projection is in index.json
-        line = f"{ix.describe_projection()} ({ix.query_model_path()})"
-        Console(soft_wrap=True).print(line, highlight=False)
-
-    if as_json:
-        out = [
-            {"query": str(q), "results": [h.to_dict() for h in hits]}
-            for q, hits in zip(queries, all_hits, strict=True)
-        ]
-        typer.echo(json.dumps(out + failed, indent=2))
-    else:
-        print_search_tables(queries, all_hits, failed)
-    if grid is not None and pil:
-        from uniembed.serve.grid import draw_grid
-
-        draw_grid(pil, all_hits, ix, grid)
-        if not as_json:
-            Console().print(f"grid written to {grid}")
-    if failed:
-        raise typer.Exit(1)
 
 
 def serve_command(
@@ -344,10 +281,14 @@ def serve_command(
     engine: EngineOption = "auto",
     threads: ThreadsOption = None,
     no_verify: NoVerifyOption = False,
+    allow_edits: AllowEditsOption = False,
+    edit_token: EditTokenOption = None,
 ) -> None:
-    """Serve image search over HTTP: page at /, POST /search, POST /embed, GET /health, GET /thumb/{id}.
+    """Serve image search over HTTP: page at /, POST /search, GET /search?id=N (more like this), GET /facets,
+    POST /embed, GET /health, GET /thumb/{id}. Searches take k, max_distance and repeatable filter=COL=VALUE.
 
     The index is loaded once at start: restart the server to serve what a later `uniembed index --add` added.
+    With --allow-edits and a token, POST /items and DELETE /items/{id} edit the live index (atomically).
 
     Memory: an upload over --max-upload-mb gets HTTP 413; one over --max-pixels gets HTTP 422 (checked from
     its header, before decoding). The rest are decoded straight to about the model's input size, at most
@@ -366,8 +307,13 @@ def serve_command(
         queue=queue,
         queue_wait_s=queue_timeout,
     )
+    if allow_edits and not (edit_token or "").strip():
+        raise _fail("--allow-edits needs a token: --edit-token TOKEN or the UNIEMBED_EDIT_TOKEN variable")
     try:
-        started = run_service(index, model, limits, host, port, engine, threads, not no_verify, log_level)
+        started = run_service(
+            index, model, limits, host, port, engine, threads, not no_verify, log_level,
+            edit_token=edit_token.strip() if allow_edits and edit_token else None,
+        )
     except StartError as e:
         raise _fail(str(e) + _MODEL_HINT * e.model_hint) from None
     if not started:
@@ -377,5 +323,7 @@ def serve_command(
 def register(app: typer.Typer) -> None:
     """Add ``index``, ``search`` and ``serve``."""
     app.command("index")(index_command)
+    from uniembed.serve.search_cli import search_command
+
     app.command("search")(search_command)
     app.command("serve")(serve_command)

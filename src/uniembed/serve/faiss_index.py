@@ -7,13 +7,18 @@ built here gets id i.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from uniembed.serve.errors import ImageIndexError
 
-INDEX_TYPES = ("auto", "flat", "ivf", "ivfpq", "hnsw")
+#: A compressed IVF-PQ index filled in shards and merged into memory-mapped on-disk lists (serve/sharded.py).
+SHARDED_TYPE = "ivfpq_sharded"
+INDEX_TYPES = ("auto", "flat", "ivf", "ivfpq", "hnsw", SHARDED_TYPE)
+#: Index types whose query-time knob is nprobe.
+IVF_TYPES = ("ivf", "ivfpq", SHARDED_TYPE)
 
 #: Below this many vectors an exact scan is fast enough (64-d: ~1 ms per query at 20k) and has perfect recall.
 FLAT_MAX = 20_000
@@ -34,6 +39,10 @@ def default_params(index_type: str, n: int, dim: int) -> dict[str, int]:
     """Parameters that give high recall for ``n`` vectors; any of them can be overridden by the caller."""
     if index_type == "flat":
         return {}
+    if index_type == SHARDED_TYPE:
+        from uniembed.serve.sharded import sharded_params
+
+        return sharded_params(n, dim)
     if index_type == "hnsw":
         return {"hnsw_m": 32, "ef_construction": 80, "ef_search": 64}
     # IVF: ~4*sqrt(N) lists, but FAISS wants >= 39 training points per list, and at most IVF_MAX_NLIST so
@@ -85,6 +94,10 @@ def make_faiss_index(vectors: np.ndarray, index_type: str, params: dict[str, int
         index.hnsw.efConstruction = int(params["ef_construction"])
     elif index_type in ("ivf", "ivfpq"):
         index = _trained_ivf(x, index_type, params)
+    elif index_type == SHARDED_TYPE:
+        raise ImageIndexError(
+            f"{SHARDED_TYPE} is written to disk by uniembed.serve.sharded.build_sharded, not built in memory"
+        )
     else:
         raise ImageIndexError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     apply_search_params(index, index_type, params)
@@ -96,7 +109,19 @@ def apply_search_params(index: Any, index_type: str, params: dict[str, int]) -> 
     """Query-time knobs (nprobe, efSearch) live in index.json so they can be tuned without rebuilding."""
     import faiss
 
-    if index_type in ("ivf", "ivfpq") and "nprobe" in params:
+    if index_type in IVF_TYPES and "nprobe" in params:
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
     if index_type == "hnsw" and "ef_search" in params:
         index.hnsw.efSearch = int(params["ef_search"])
+
+
+def read_faiss_file(path: str | Path, index_type: str) -> Any:
+    """Open an index.faiss: a sharded index memory-mapped from the index.ivfdata beside it (the folder may
+    have moved since it was built), any other type read into memory."""
+    if index_type == SHARDED_TYPE:
+        from uniembed.serve.sharded_io import read_sharded
+
+        return read_sharded(path)
+    import faiss
+
+    return faiss.read_index(str(path))

@@ -8,7 +8,8 @@ a loaded index directory; ``build``: building and ``--add``).
 Index directory layout (written atomically: a temp dir beside it, then a rename)::
 
     index.faiss   the FAISS index; row id i == items.csv row i
-    items.csv     id,path,label,domain,source (paths absolute: see items.py)
+    items.csv     id,path,label,domain,source[,meta] (paths absolute: see items.py; meta: the extra
+                  labels.csv columns of an item as JSON, searchable with filters: see filters.py)
     index.json    model fingerprint + path, index type + params, count, dim, skipped images with reasons,
                   size + sha256 of the other files (verified on load)
     thumbs/       <id>.jpg thumbnails made while indexing, so the service never reads arbitrary files
@@ -20,9 +21,11 @@ so they lie in [0, 2] and 0 means the same picture.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from uniembed.core.runtime import torch_threads
 from uniembed.export.embedder import Embedder, file_fingerprint, load_embedder, resolve_model_path
@@ -38,6 +41,7 @@ from uniembed.serve.faiss_index import (
     default_params,
     make_faiss_index,
 )
+from uniembed.serve.filters import Filter, FilterError, parse_filters
 from uniembed.serve.items import IMAGE_EXTENSIONS, ITEM_FIELDS, ImageRecord, absolute_path, open_sources
 from uniembed.serve.store import INDEX_FILE, INFO_FILE, ITEMS_FILE, THUMBS_DIR, Hit, ImageIndex
 
@@ -54,6 +58,8 @@ __all__ = [
     "THUMBS_DIR",
     "BuildResult",
     "DamagedIndexError",
+    "Filter",
+    "FilterError",
     "Hit",
     "ImageIndex",
     "ImageIndexError",
@@ -67,6 +73,7 @@ __all__ = [
     "open_index_and_model",
     "absolute_path",
     "open_sources",
+    "parse_filters",
     "search_paths",
 ]
 
@@ -118,11 +125,18 @@ def search_paths(
     batch_size: int = 32,
     engine: str = "auto",
     verify: bool = True,
+    max_distance: float | None = None,
+    filters: Sequence[Filter | str] | None = None,
+    exclude_ids: Iterable[int] = (),
+    expand: Callable[[ImageIndex, np.ndarray], np.ndarray] | None = None,
 ) -> list[list[dict[str, Any]]]:
-    """Top-k for query image files, one list of result dicts (id, path, label, domain, distance) per query.
+    """Top-k for query image files, one list of result dicts (id, path, label, domain, distance, and
+    ``meta`` when the item has extra labels.csv columns) per query.
 
     The library form of ``uniembed search``; the model defaults to the one recorded in the index and must
-    have the same fingerprint. An unreadable query raises ``BadImageError`` naming it.
+    have the same fingerprint. An unreadable query raises ``BadImageError`` naming it. ``max_distance``,
+    ``filters`` (``domain=toys``, ``label^=coil100:``, ``colour!=red``), ``exclude_ids`` and ``expand``: see
+    ``ImageIndex.search_batch``; an unknown filter column raises ``FilterError`` listing the known ones.
     """
     from uniembed.data.images import BadImageError, load_image
 
@@ -137,4 +151,5 @@ def search_paths(
             index_dir, model_path, engine, batch_size, threads=n, verify=verify
         )
         vecs = embedder.embed_images(images)
-    return [[h.to_dict() for h in hits] for hits in ix.search_batch(vecs, k)]
+    hits = ix.search_batch(vecs, k, max_distance, filters, exclude_ids, expand)
+    return [[h.to_dict() for h in row] for row in hits]

@@ -12,6 +12,7 @@ name the same files. An older index with relative paths is read against the curr
 from __future__ import annotations
 
 import csv
+import json
 import os
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -21,6 +22,11 @@ from pathlib import Path
 from uniembed.serve.errors import ImageIndexError
 
 ITEM_FIELDS = ["id", "path", "label", "domain", "source"]
+#: Optional last items.csv column: an item's extra labels.csv columns as a JSON object (absent in older
+#: indexes and in indexes without any; readers treat a missing or empty cell as no metadata).
+META_FIELD = "meta"
+#: labels.csv columns that become item fields; any other column is kept as item metadata.
+LABELS_CSV_COLUMNS = ("path", "label", "domain")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -34,6 +40,7 @@ class ImageRecord:
     source: str
     file: Path | None = None  # read from disk ...
     data: bytes | None = None  # ... or already in memory (shards)
+    meta: dict[str, str] | None = None  # the labels.csv columns beyond path,label,domain (filters)
 
 
 def absolute_path(path: str) -> str:
@@ -50,6 +57,7 @@ def _read_labels_csv(csv_path: Path) -> list[ImageRecord]:
 
     try:
         rows = read_labels_csv(csv_path, default_domain="")
+        extra = _extra_columns(csv_path) if rows else []
     except DataError as e:
         raise ImageIndexError(str(e)) from e
     return [
@@ -59,9 +67,25 @@ def _read_labels_csv(csv_path: Path) -> list[ImageRecord]:
             domain=row.domain,
             source=absolute_path(str(csv_path)),
             file=Path(absolute_path(row.path)) if row.path else None,
+            meta=meta or None,
         )
-        for row in rows
+        for row, meta in zip(rows, extra, strict=True)
     ]
+
+
+def _extra_columns(csv_path: Path) -> list[dict[str, str]]:
+    """Per row of a labels.csv (same order as ``read_labels_csv``), its cells beyond path,label,domain,
+    stripped; empty cells are left out."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        return [
+            {
+                str(k).strip(): str(v).strip()
+                for k, v in row.items()
+                if k is not None and k not in LABELS_CSV_COLUMNS and isinstance(v, str) and v.strip()
+            }
+            for row in reader
+        ]
 
 
 def _read_folder(root: Path, domain: str) -> list[ImageRecord]:
@@ -159,9 +183,16 @@ def read_items(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def meta_cell(meta: dict[str, str] | None) -> str:
+    """An item's metadata as its items.csv ``meta`` cell ('' for none)."""
+    return json.dumps(meta, ensure_ascii=False, sort_keys=True) if meta else ""
+
+
 def write_items(path: Path, items: Iterable[dict[str, str]]) -> None:
-    """Write an index's items.csv (id,path,label,domain,source)."""
+    """Write an index's items.csv (id,path,label,domain,source, plus ``meta`` when any item has some)."""
+    rows = list(items)
+    fields = ITEM_FIELDS + [META_FIELD] * any(r.get(META_FIELD) for r in rows)
     with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=ITEM_FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
-        w.writerows(items)
+        w.writerows(rows)

@@ -58,6 +58,7 @@ def run_service(
     threads: int | None,
     verify: bool,
     log_level: str,
+    edit_token: str | None = None,
 ) -> bool:
     """Bind, load the index and model, print where it serves, run until stopped; False if uvicorn could not
     start. Raises ``StartError`` for anything the user must fix first."""
@@ -77,7 +78,7 @@ def run_service(
             ix, embedder = open_index_and_model(
                 index, model, engine=engine, threads=threads or free_cores(), verify=verify
             )
-            app = create_app(index, embedder=embedder, limits=limits, verify=False)  # verified just above
+            app = create_app(ix, embedder=embedder, limits=limits, edit_token=edit_token)
         except (ImageIndexError, ModelError) as e:
             hint = model is None and isinstance(e, ModelError)
             raise StartError(f"not starting: {e}", model_hint=hint) from None
@@ -89,4 +90,6 @@ def run_service(
         )
         if app.state.index.adapted:
             typer.echo(app.state.index.describe_projection())
+        if edit_token:
+            typer.echo("edits on: POST /items and DELETE /items/{id} with Authorization: Bearer <token>")
         return run_uvicorn(app, sock, host, log_level)

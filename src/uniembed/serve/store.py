@@ -3,7 +3,8 @@
 Index directory layout (written atomically by ``uniembed.serve.build``)::
 
     index.faiss   the FAISS index; row id i == items.csv row i
-    items.csv     id,path,label,domain,source (paths absolute: see items.py)
+    items.csv     id,path,label,domain,source[,meta] (paths absolute: see items.py; meta: extra labels.csv
+                  columns as JSON, for filters: see filters.py)
     index.json    model fingerprint + path, index type + params, count, dim, skipped images with reasons,
                   size + sha256 of the other files but the thumbnails (verified on load)
     thumbs/       <id>.jpg thumbnails made while indexing, so the service never reads arbitrary files
@@ -20,6 +21,8 @@ so they lie in [0, 2] and 0 means the same picture.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from uniembed.core.integrity import read_json_object, reading, verify_checksums
 from uniembed.export.embedder import Embedder
 from uniembed.serve.errors import DamagedIndexError, ImageIndexError, ModelMismatchError
 from uniembed.serve.faiss_index import apply_search_params
+from uniembed.serve.filters import Filter, ItemColumns, filtered_search, item_meta, parse_filters
 from uniembed.serve.items import ITEM_FIELDS, absolute_path, read_items
 
 INDEX_FILE = "index.faiss"
@@ -87,7 +91,9 @@ def _read_item_table(path: Path, fix: str) -> list[dict[str, str]]:
             )
         it["path"] = absolute_path(it["path"])
         if not it["id"].isdigit():
-            raise DamagedIndexError(f"{path} is damaged (line {n}: id {it['id'][:20]!r} is not a number); {fix}")
+            raise DamagedIndexError(
+                f"{path} is damaged (line {n}: id {it['id'][:20]!r} is not a number); {fix}"
+            )
     return items
 
 
@@ -100,15 +106,19 @@ class Hit:
     label: str
     domain: str
     distance: float
+    meta: dict[str, str] = field(default_factory=dict)  # the extra labels.csv columns, if any
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "id": self.id,
             "path": self.path,
             "label": self.label,
             "domain": self.domain,
             "distance": round(self.distance, 6),
         }
+        if self.meta:
+            out["meta"] = dict(self.meta)
+        return out
 
 
 @dataclass
@@ -120,6 +130,8 @@ class ImageIndex:
     items: list[dict[str, str]]
     info: dict[str, Any]
     _positions: dict[int, int] = field(default_factory=dict, repr=False)
+    _columns: ItemColumns | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self._positions = {int(it["id"]): pos for pos, it in enumerate(self.items)}
@@ -231,31 +243,84 @@ class ImageIndex:
         if embedder.dim != self.dim:
             raise ModelMismatchError(f"model gives {embedder.dim}-d vectors but the index holds {self.dim}-d")
 
-    def search_batch(self, vectors: np.ndarray, k: int = 5) -> list[list[Hit]]:
-        """Top-k for many query vectors in one FAISS call (nearest first)."""
+    @property
+    def columns(self) -> ItemColumns:
+        """The items' filterable columns (built once per loaded index, on first use)."""
+        if self._columns is None:
+            self._columns = ItemColumns(self.items)
+        return self._columns
+
+    def reconstructable_index(self) -> Any:
+        """The FAISS index, able to hand back stored vectors: an IVF index gets its (array) id map once,
+        under a lock, so concurrent requests never rebuild it under each other. FAISS then refuses
+        ``remove_ids`` on this object: edits work on a freshly loaded index."""
+        import faiss
+
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:
+            with self._lock:
+                if ivf.direct_map.type == faiss.DirectMap.NoMap:
+                    ivf.make_direct_map()
+        return self.index
+
+    def vector(self, item_id: int) -> np.ndarray:
+        """The stored vector of an item (as FAISS holds it: PQ-coded indexes give the decoded one)."""
+        pos = self.position(item_id)
+        if pos is None:
+            raise ImageIndexError(f"no item with id {item_id} in the index at {self.root}")
+        return np.asarray(self.reconstructable_index().reconstruct(int(pos)), dtype=np.float32)
+
+    def matching(self, filters: Sequence[Filter | str] | None = None, exclude_ids: Iterable[int] = ()) -> int:
+        """How many items pass ``filters`` (all of them without filters), leaving out ``exclude_ids``."""
+        mask = self._allowed(_as_filters(filters), exclude_ids)
+        return len(self) if mask is None else int(mask.sum())
+
+    def _allowed(self, filters: list[Filter], exclude_ids: Iterable[int]) -> np.ndarray | None:
+        """Bool mask of the FAISS rows a search may return (None: every row)."""
+        mask = self.columns.mask(filters)
+        rows = [p for p in (self.position(i) for i in exclude_ids) if p is not None]
+        if rows:
+            mask = np.ones(len(self), dtype=bool) if mask is None else mask
+            mask[rows] = False
+        return mask
+
+    def search_batch(
+        self,
+        vectors: np.ndarray,
+        k: int = 5,
+        max_distance: float | None = None,
+        filters: Sequence[Filter | str] | None = None,
+        exclude_ids: Iterable[int] = (),
+        expand: Callable[[ImageIndex, np.ndarray], np.ndarray] | None = None,
+    ) -> list[list[Hit]]:
+        """Top-k for many query vectors in one FAISS call (nearest first).
+
+        ``max_distance`` drops results farther than it; ``filters`` (``Filter``s or ``domain=toys``-style
+        strings, all of which must hold) and ``exclude_ids`` restrict the search inside FAISS, with k
+        results whenever k items qualify (see ``filters.filtered_search``). ``expand`` (query expansion)
+        maps (index, query vectors) to the vectors actually searched."""
         q = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
         if q.shape[1] != self.dim:
             raise ImageIndexError(f"query vectors have dim {q.shape[1]}, index has {self.dim}")
+        if expand is not None:
+            q = np.ascontiguousarray(expand(self, q), dtype=np.float32)
         k = int(max(1, min(k, len(self))))
-        dist, ids = self.index.search(q, k)
-        out: list[list[Hit]] = []
-        for drow, irow in zip(dist, ids, strict=True):
-            hits = []
-            for d, i in zip(drow, irow, strict=True):
-                if i < 0:  # fewer than k reachable (IVF with small nprobe)
-                    continue
-                it = self.items[int(i)]
-                hits.append(
-                    Hit(
-                        id=int(it["id"]),
-                        path=it["path"],
-                        label=it["label"],
-                        domain=it["domain"],
-                        distance=float(math.sqrt(max(float(d), 0.0))),
-                    )
-                )
-            out.append(hits)
-        return out
+        allowed = self._allowed(_as_filters(filters), exclude_ids)
+        index = self.reconstructable_index() if allowed is not None else self.index
+        dist, ids = filtered_search(index, q, k, allowed)
+        limit = math.inf if max_distance is None else float(max_distance)
+        return [self._hits(drow, irow, limit) for drow, irow in zip(dist, ids, strict=True)]
+
+    def _hits(self, dist: np.ndarray, rows: np.ndarray, limit: float) -> list[Hit]:
+        """One query's results as Hits, nearest first, cut at ``limit``; -1 rows (fewer reachable) dropped."""
+        hits = []
+        for d, i in zip(dist, rows, strict=True):
+            distance = float(math.sqrt(max(float(d), 0.0)))
+            if i < 0 or distance > limit:
+                continue
+            it = self.items[int(i)]
+            hits.append(Hit(int(it["id"]), it["path"], it["label"], it["domain"], distance, item_meta(it)))
+        return hits
 
     def thumbnail_path(self, item_id: int) -> Path | None:
         """The stored thumbnail of an indexed id, or None (ids only: callers never pass paths)."""
@@ -263,3 +328,8 @@ class ImageIndex:
             return None
         p = self.root / THUMBS_DIR / f"{int(item_id)}.jpg"
         return p if p.is_file() else None
+
+
+def _as_filters(filters: Sequence[Filter | str] | None) -> list[Filter]:
+    """Filters given as objects or as ``COLUMN=VALUE`` strings, parsed once."""
+    return [f if isinstance(f, Filter) else parse_filters([f])[0] for f in (filters or []) if str(f).strip()]

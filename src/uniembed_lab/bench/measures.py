@@ -31,6 +31,16 @@ def _extract_goal(r: dict) -> bool:
     return r["ratio"] >= 5.0 and r["project"]["figure"] >= 120.0
 
 
+def _ray_check(cfg: BenchConfig, r: dict) -> dict:
+    from uniembed_lab.bench.ray_extract import same_features
+
+    return same_features(cfg, r)
+
+
+def _ray_goal(r: dict) -> bool:
+    return bool(r["checks"]["features_identical"])
+
+
 def _head_goal(r: dict) -> bool:
     return r["ratio"] >= 100.0
 
@@ -72,6 +82,18 @@ MEASURES: dict[str, Measure] = {
             [("profile", f"{M}.profile:extract_profile")],
             "where extraction time goes, stage by stage (ms/image)",
             ratio=False,
+        ),
+        Measure(
+            "extract_ray",
+            [
+                ("baseline", f"{M}.ray_extract:extract_ray_baseline"),
+                ("project", f"{M}.ray_extract:extract_ray_project"),
+            ],
+            "images/s from image files to features: Ray Data, 2 workers on a local cluster vs one process "
+            "(same cores: the overhead)",
+            goal="features identical to the single-process cache",
+            goal_check=_ray_goal,
+            extra_check=_ray_check,
         ),
         Measure(
             "head_epoch",

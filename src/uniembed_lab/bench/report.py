@@ -101,6 +101,15 @@ def _measure_note(cfg: BenchConfig, name: str, r: dict) -> str | None:
             f"{d['seconds_extract']:.1f} s = {d['shards_path_images_per_s']:.1f} img/s "
             f"(extract alone {d['images_per_s_extract_only']:.1f} img/s)"
         )
+    if name == "extract_ray":
+        d, c = p["details"], r["checks"]
+        same = "byte-identical" if c["features_identical"] else f"max |diff| {c['max_abs_diff']}"
+        return (
+            f"extract_ray: {d['images_per_s_per_worker']:.1f} images/s/worker ({d['workers']} workers x "
+            f"{d['threads_per_worker']} thread(s), {d['engine']}); {d['images']} images in "
+            f"{d['seconds']:.1f} s (local cluster start {d['cluster_start_s']:.1f} s apart); features {same} "
+            "to the single process"
+        )
     if name == "head_epoch":
         return (
             f"head_epoch: {p['details']['samples_per_epoch']} samples/epoch; baseline extrapolated from "

@@ -1,4 +1,5 @@
-// uniembed image search page: pick or drop an image, POST it to /search, render the nearest thumbnails.
+// uniembed image search page: pick or drop an image, POST it to /search, render the nearest thumbnails;
+// filters (domain, label prefix, any column), a distance threshold and "more like this" (GET /search?id=N).
 // Plain JS, no framework or CDN: the page must work offline, served by the same process as the API.
 "use strict";
 
@@ -6,7 +7,9 @@ const $ = (id) => document.getElementById(id);
 const drop = $("drop"), fileInput = $("file"), preview = $("preview"), dropText = $("drop-text");
 const statusEl = $("status"), results = $("results"), kSelect = $("k"), again = $("again");
 let maxUploadMb = 10;
-let current = null; // the File being searched
+const domainSel = $("domain"), prefixSel = $("prefix"), moreFilters = $("more-filters");
+const maxDist = $("maxdist"), maxDistOut = $("maxdist-value");
+let current = null; // what is being searched: {file} for an upload, {id, label} for "more like this"
 
 function setStatus(text, isError = false) {
   statusEl.textContent = text;
@@ -29,6 +32,38 @@ async function loadHealth() {
   }
 }
 
+function addOptions(select, entries) {
+  for (const e of entries) {
+    const opt = document.createElement("option");
+    opt.value = e.value;
+    opt.textContent = `${e.value} (${e.count.toLocaleString()})`;
+    select.append(opt);
+  }
+}
+
+async function loadFacets() {
+  try {
+    const f = await (await fetch("/facets")).json();
+    addOptions(domainSel, f.domains.filter((d) => d.value !== ""));
+    addOptions(prefixSel, f.label_prefixes);
+    $("columns").textContent = `columns: ${f.columns.join(", ")}`;
+  } catch (e) {
+    $("columns").textContent = "filter choices unavailable";
+  }
+}
+
+// The filters and threshold as request parameters (shared by uploads and "more like this").
+function searchParams() {
+  const params = [["k", kSelect.value]];
+  if (Number(maxDist.value) < 2) params.push(["max_distance", maxDist.value]);
+  if (domainSel.value) params.push(["filter", `domain=${domainSel.value}`]);
+  if (prefixSel.value) params.push(["filter", `label^=${prefixSel.value}`]);
+  for (const f of moreFilters.value.split(";")) {
+    if (f.trim()) params.push(["filter", f.trim()]);
+  }
+  return params;
+}
+
 function card(hit, rank) {
   const li = document.createElement("li");
   li.className = "result";
@@ -48,14 +83,53 @@ function card(hit, rank) {
   const dom = document.createElement("div");
   dom.className = "domain";
   dom.textContent = hit.domain || "";
-  meta.append(label, dist, dom);
+  const more = document.createElement("button");
+  more.type = "button";
+  more.className = "more";
+  more.textContent = "more like this";
+  more.addEventListener("click", () => moreLike(hit));
+  meta.append(label, dist, dom, more);
   li.append(img, meta);
   return li;
 }
 
+function show(r, body) {
+  if (!r.ok) {
+    setStatus(`Error ${r.status}: ${body.detail}`, true);
+    return;
+  }
+  body.results.forEach((hit, i) => results.append(card(hit, i + 1)));
+  const of = body.matched < body.total ? ` of ${body.matched.toLocaleString()} matching` : "";
+  const cut = body.max_distance !== null ? ` within ${body.max_distance}` : "";
+  const n = body.results.length;
+  setStatus(`${n} result${n === 1 ? "" : "s"}${of}${cut} in ${body.took_ms.toFixed(0)} ms`);
+}
+
+async function moreLike(hit) {
+  current = { id: hit.id, label: hit.label, thumbnail: hit.thumbnail };
+  again.disabled = false;
+  preview.src = hit.thumbnail;
+  preview.hidden = false;
+  dropText.textContent = `more like #${hit.id} (${hit.label})`;
+  setStatus("searching…");
+  results.replaceChildren();
+  const query = new URLSearchParams([["id", String(hit.id)], ...searchParams()]);
+  try {
+    const r = await fetch(`/search?${query}`);
+    show(r, await r.json().catch(() => ({ detail: `HTTP ${r.status}` })));
+  } catch (e) {
+    setStatus(`Request failed: ${e}`, true);
+  }
+}
+
+function rerun() {
+  if (current && current.id !== undefined) moreLike(current);
+  else if (current) search(current.file);
+}
+
 async function search(file) {
   if (!file) return;
-  current = file;
+  current = { file };
   again.disabled = false;
   if (file.size > maxUploadMb * 1024 * 1024) {
     setStatus(`That file is ${(file.size / 1048576).toFixed(1)} MiB; the limit is ${maxUploadMb} MiB.`, true);
@@ -68,24 +142,21 @@ async function search(file) {
   results.replaceChildren();
   const form = new FormData();
   form.append("image", file, file.name);
-  form.append("k", kSelect.value);
+  for (const [name, value] of searchParams()) form.append(name, value);
   try {
     const r = await fetch("/search", { method: "POST", body: form });
-    const body = await r.json().catch(() => ({ detail: `HTTP ${r.status}` }));
-    if (!r.ok) {
-      setStatus(`Error ${r.status}: ${body.detail}`, true);
-      return;
-    }
-    body.results.forEach((hit, i) => results.append(card(hit, i + 1)));
-    setStatus(`${body.results.length} results in ${body.took_ms.toFixed(0)} ms`);
+    show(r, await r.json().catch(() => ({ detail: `HTTP ${r.status}` })));
   } catch (e) {
     setStatus(`Request failed: ${e}`, true);
   }
 }
 
 fileInput.addEventListener("change", () => search(fileInput.files[0]));
-kSelect.addEventListener("change", () => search(current));
-again.addEventListener("click", () => search(current));
+for (const el of [kSelect, domainSel, prefixSel, moreFilters, maxDist]) el.addEventListener("change", rerun);
+maxDist.addEventListener("input", () => {
+  maxDistOut.textContent = Number(maxDist.value) < 2 ? Number(maxDist.value).toFixed(2) : "off";
+});
+again.addEventListener("click", rerun);
 drop.addEventListener("keydown", (e) => {
   if (e.key === "Enter" || e.key === " ") fileInput.click();
 });
@@ -101,3 +172,4 @@ drop.addEventListener("drop", (e) => {
 });
 
 loadHealth();
+loadFacets();
