@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -141,7 +142,7 @@ def cluster() -> Iterator[Cluster]:
         time.sleep(1)
         left = [p for n in nodes for p in n.alive()]
         stray = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout.split()
-        subprocess.run(["rm", "-rf", temp], check=False)
+        shutil.rmtree(temp, ignore_errors=True)
         assert not left and not stray, f"Ray processes left running: {left or stray}"
 
 
@@ -206,7 +207,7 @@ def _same_cache(got: Path, want: Path) -> None:
 
 
 def test_cluster_run_survives_a_dead_node_and_matches_single_process(
-    cluster: Cluster, photos: Path, single: Path, tmp_path: Path
+    photos: Path, single: Path, cluster: Cluster, tmp_path: Path
 ) -> None:
     """One run (two runs would double this test's time): the worker node dies once the first block is back;
     Ray restarts its actor / retries its tasks on the head and the result is the single-process cache."""

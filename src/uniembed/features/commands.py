@@ -77,9 +77,9 @@ _RAY = typer.Option(
     None,
     "--ray",
     metavar="auto|HOST:PORT",
-    help="Run on a Ray cluster (pip install 'uniembed[cluster]'): 'auto' joins the cluster of RAY_ADDRESS or "
-    "a running local one, else starts a local one; HOST:PORT joins that head. Same cache, same features; "
-    "finished blocks survive a killed run and a rerun resumes from them.",
+    help="Run on a Ray cluster (pip install 'uniembed\\[cluster]'): 'auto' joins the cluster of "
+    "RAY_ADDRESS or a running local one, else starts a local one; HOST:PORT joins that head. Same cache, "
+    "same features; finished blocks survive a killed run and a rerun resumes from them.",
 )
 _RAY_ACTORS = typer.Option(
     None, "--ray-actors", min=1, help="Model replicas (default: as many as the cluster's CPUs/GPUs fit)."

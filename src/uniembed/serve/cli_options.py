@@ -37,7 +37,7 @@ RayOption = Annotated[
     typer.Option(
         "--ray",
         metavar="auto|HOST:PORT",
-        help="Embed the images on a Ray cluster (pip install 'uniembed[cluster]'), then build the index "
+        help="Embed the images on a Ray cluster (pip install 'uniembed\\[cluster]'), then build the index "
         "here: 'auto' joins RAY_ADDRESS's cluster or a running local one, else starts one; HOST:PORT joins "
         "that head.",
     ),

@@ -152,6 +152,6 @@ def index_vectors(index: Any) -> np.ndarray:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:
         ivf = None
-    if ivf is not None:
+    if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
         ivf.make_direct_map()
     return np.ascontiguousarray(index.reconstruct_n(0, n), dtype=np.float32)

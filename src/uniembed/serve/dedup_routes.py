@@ -57,7 +57,7 @@ class _GroupCache:
 def compute_groups(index: ImageIndex, threshold: float) -> list[dict[str, Any]]:
     """Near-duplicate groups of an index as the API returns them (ids, labels, thumbnails, distances)."""
     out = []
-    for n, g in enumerate(near_groups(index_vectors(index.index), threshold), start=1):
+    for n, g in enumerate(near_groups(index_vectors(index.reconstructable_index()), threshold), start=1):
         items = []
         for pos in g.members:
             it = index.items[pos]

@@ -160,7 +160,8 @@ def dedup_index(
     if not threshold >= 0:
         raise ImageIndexError(f"--threshold must be a distance >= 0, got {threshold}")
     paths = [it["path"] for it in index.items]
-    groups, facts, unreadable = find_groups(paths, index_vectors(index.index), threshold, keep or "first")
+    vectors = index_vectors(index.reconstructable_index())
+    groups, facts, unreadable = find_groups(paths, vectors, threshold, keep or "first")
     skipped = [dict(s) for s in index.info.get("skipped", []) if isinstance(s, dict)]
     skipped += [
         {"path": paths[i], "reason": f"unreadable file ({why})"} for i, why in sorted(unreadable.items())

@@ -58,13 +58,15 @@ class ExpansionSettings:
         return cls(**{k: type(getattr(cls(), k))(v) for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-#: Chosen on the mean mP@5 over the 7 shared domains (merged index, leave-one-out, docs/search.md): for
-#: a GUIE-model index, DBA + alpha-QE with n=2, alpha=3 gained +0.014 (+0.012 with each domain held out of
-#: the choice); for the collection-adapted default index the best setting gained +0.006, only +0.001 held
-#: out, so it stays off.
+#: Chosen on the mean mP@5 over the 7 shared domains (merged index, leave-one-out, docs/search.md). For an
+#: index of a GUIE model, alpha-QE with n=2, alpha=3 gained +0.010 (DBA on top: +0.004 more, but it rewrites
+#: the stored vectors, so every later add or removal would have to recompute it from kept plain vectors, and
+#: distances would no longer be the model's: left off by default, available through ``dba``). For the
+#: collection-adapted default index the best setting gained +0.006 in-sample and only +0.001 with each
+#: domain held out of the choice, so it stays off.
 DEFAULTS: dict[str, ExpansionSettings] = {
     "adapted": ExpansionSettings(),
-    "model": ExpansionSettings(qe_n=2, qe_alpha=3.0, dba_n=2, dba_alpha=3.0),
+    "model": ExpansionSettings(qe_n=2, qe_alpha=3.0),
 }
 
 

@@ -50,11 +50,11 @@ class ShardedBuild:
 
 def sharded_params(n: int, dim: int, shards: int = 1) -> dict[str, int]:
     """Defaults for ``n`` vectors: ~4*sqrt(N) lists (at most MAX_NLIST, at least 39 training points each),
-    PQ with dim/4 sub-quantizers of 8 bits (16 bytes per 64-d vector), no OPQ rotation (measured: no recall
-    gain on 64-d embeddings), nprobe a first guess that the build tunes."""
+    PQ with dim/2 sub-quantizers (at most 32) of 8 bits: 32 bytes per 64-d vector, no OPQ rotation (see
+    docs/scaling.md for the measured choice), nprobe a first guess that the build tunes."""
     train = int(min(n, max(MIN_TRAIN, 64 * min(MAX_NLIST, round(4 * math.sqrt(max(n, 1)))))))
     nlist = int(max(1, min(round(4 * math.sqrt(max(n, 1))), MAX_NLIST, train // 39 if train >= 39 else 1)))
-    pq_m = max(d for d in range(1, max(1, dim // 4) + 1) if dim % d == 0)
+    pq_m = max(d for d in range(1, max(1, min(32, dim // 2)) + 1) if dim % d == 0)
     bits = 8 if train >= 39 * 256 else int(max(4, min(8, math.floor(math.log2(max(train, 16) / 39)))))
     return {
         "nlist": nlist,
@@ -132,7 +132,9 @@ def ray_session(address: str) -> Iterator[Any]:
             include_dashboard=False,
         )
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ImageIndexError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}") from e
+        raise ImageIndexError(
+            f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}"
+        ) from e
     try:
         yield ray
     finally:
@@ -152,7 +154,9 @@ def _fill_ray(
     while todo or pending:
         while todo and len(pending) < limit:
             i, (a, b) = todo.pop(0)
-            pending[task.remote(trained_ref, np.ascontiguousarray(vectors[a:b], dtype=np.float32), first_id + a)] = i
+            pending[
+                task.remote(trained_ref, np.ascontiguousarray(vectors[a:b], dtype=np.float32), first_id + a)
+            ] = i
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             yield pending.pop(ref), ray.get(ref)
@@ -245,6 +249,8 @@ def build_sharded(
     out_dir.mkdir(parents=True, exist_ok=True)
     n, dim = len(vectors), int(vectors.shape[1])
     p = sharded_params(n, dim, shards)
+    if params and "nlist" in params and "train_size" not in params:  # sample sized for the lists asked for
+        p["train_size"] = int(min(n, max(MIN_TRAIN, 64 * int(params["nlist"]))))
     p.update(params or {})
     p["shards"] = int(max(1, shards))
     t0 = time.perf_counter()
@@ -276,8 +282,9 @@ def empty_trained(index: Any) -> np.ndarray:
 
     ivf = faiss.extract_index_ivf(index)
     saved, own, ntotal = ivf.invlists, ivf.own_invlists, index.ntotal
+    empty = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)  # owned here, outlives the swap
     ivf.own_invlists = False
-    ivf.replace_invlists(faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size), True)
+    ivf.replace_invlists(empty, False)
     index.ntotal = ivf.ntotal = 0
     try:
         return faiss.serialize_index(index)
@@ -307,3 +314,29 @@ def extend_sharded(
     old_lists = faiss.extract_index_ivf(old_index).invlists
     first = int(old_index.ntotal)
     return _fill_and_merge(trained, vectors, first, out_dir, shards, address, progress, old_lists)
+
+
+def assemble_sharded(
+    old_index: Any,
+    old_params: dict[str, int] | None,
+    vectors: Any,
+    rebuild: Any,
+    params: dict[str, int] | None,
+    out_dir: str | Path,
+    address: str | None = None,
+    progress: bool = True,
+) -> ShardedBuild:
+    """What ``uniembed index`` does for a sharded index, written into ``out_dir``: a fresh build over
+    ``vectors`` (no ``old_index``) or over ``rebuild`` (all vectors after a projection refit), else
+    ``--add``: the old lists merged with ``vectors``' (recall left as it was measured: empty here)."""
+    from uniembed.serve.faiss_index import apply_search_params
+
+    p = {**(old_params or {}), **(params or {})}
+    shards = int(p.get("shards", 1))
+    if old_index is None or rebuild is not None:
+        x = vectors if old_index is None else rebuild
+        kept = {k: v for k, v in p.items() if k not in ("nprobe", "shards")}
+        return build_sharded(x, out_dir, shards, address, kept, progress)
+    index = extend_sharded(old_index, vectors, out_dir, shards, address, progress)
+    apply_search_params(index, SHARDED_TYPE, p)
+    return ShardedBuild(index, p, {})

@@ -114,7 +114,12 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def tune_and_measure(
-    index: Any, vectors: Any, k: int = 5, n_queries: int = RECALL_QUERIES, goal: float = RECALL_GOAL, seed: int = 0
+    index: Any,
+    vectors: Any,
+    k: int = 5,
+    n_queries: int = RECALL_QUERIES,
+    goal: float = RECALL_GOAL,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Pick nprobe and report recall@k against exact search, on indexed vectors used as queries (their own
     row excluded from both lists). Half the queries tune nprobe (doubling until recall reaches ``goal`` or

@@ -32,6 +32,7 @@ import numpy as np
 from uniembed.core.integrity import read_json_object, reading, verify_checksums
 from uniembed.export.embedder import Embedder
 from uniembed.serve.errors import DamagedIndexError, ImageIndexError, ModelMismatchError
+from uniembed.serve.expansion import ExpansionSettings, expander, settings_for_index
 from uniembed.serve.faiss_index import apply_search_params
 from uniembed.serve.filters import Filter, ItemColumns, filtered_search, item_meta, parse_filters
 from uniembed.serve.items import ITEM_FIELDS, absolute_path, read_items
@@ -291,25 +292,48 @@ class ImageIndex:
         max_distance: float | None = None,
         filters: Sequence[Filter | str] | None = None,
         exclude_ids: Iterable[int] = (),
-        expand: Callable[[ImageIndex, np.ndarray], np.ndarray] | None = None,
+        expand: Callable[[ImageIndex, np.ndarray], np.ndarray] | bool | None = True,
     ) -> list[list[Hit]]:
         """Top-k for many query vectors in one FAISS call (nearest first).
 
         ``max_distance`` drops results farther than it; ``filters`` (``Filter``s or ``domain=toys``-style
         strings, all of which must hold) and ``exclude_ids`` restrict the search inside FAISS, with k
-        results whenever k items qualify (see ``filters.filtered_search``). ``expand`` (query expansion)
-        maps (index, query vectors) to the vectors actually searched."""
+        results whenever k items qualify (see ``filters.filtered_search``). ``expand``: query expansion,
+        a hook mapping (index, query vectors) to the vectors actually searched; True (the default) applies
+        the index's own setting (``expansion``: alpha-QE for an index of a GUIE model, off for a
+        collection-adapted one), False or None searches the plain vectors. With an expansion the expanded
+        query picks the k results, which are then ordered by their distance from the query as given: every
+        distance reported (and ``max_distance``) is the plain one, so 0 still means the same picture. (On
+        the shared domains this re-sort kept the whole measured gain: docs/search.md.)"""
         q = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
         if q.shape[1] != self.dim:
             raise ImageIndexError(f"query vectors have dim {q.shape[1]}, index has {self.dim}")
-        if expand is not None:
-            q = np.ascontiguousarray(expand(self, q), dtype=np.float32)
+        if expand is True:
+            expand = expander(self.expansion, exclude_ids)
+        searched = q if not callable(expand) else np.ascontiguousarray(expand(self, q), dtype=np.float32)
         k = int(max(1, min(k, len(self))))
         allowed = self._allowed(_as_filters(filters), exclude_ids)
         index = self.reconstructable_index() if allowed is not None else self.index
-        dist, ids = filtered_search(index, q, k, allowed)
+        dist, ids = filtered_search(index, searched, k, allowed)
+        if searched is not q:
+            dist, ids = self._distances_from(q, ids)
         limit = math.inf if max_distance is None else float(max_distance)
         return [self._hits(drow, irow, limit) for drow, irow in zip(dist, ids, strict=True)]
+
+    @property
+    def expansion(self) -> ExpansionSettings:
+        """The query expansion this index's searches use by default (index.json ``expansion``, else the
+        measured default for its kind: see ``serve/expansion.py``)."""
+        return settings_for_index(self.info)
+
+    def _distances_from(self, q: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(squared L2 from each original query to its result rows' stored vectors, the rows), each query's
+        results re-sorted nearest first; -1 rows (fewer reachable) get inf and stay last."""
+        safe = np.where(rows >= 0, rows, 0).astype(np.int64)
+        stored = self.reconstructable_index().reconstruct_batch(safe.reshape(-1)).reshape(*rows.shape, -1)
+        d2 = np.where(rows >= 0, ((stored - q[:, None, :]) ** 2).sum(-1), np.inf).astype(np.float32)
+        order = np.argsort(d2, axis=1, kind="stable")
+        return np.take_along_axis(d2, order, 1), np.take_along_axis(rows, order, 1)
 
     def _hits(self, dist: np.ndarray, rows: np.ndarray, limit: float) -> list[Hit]:
         """One query's results as Hits, nearest first, cut at ``limit``; -1 rows (fewer reachable) dropped."""

@@ -122,6 +122,12 @@ MEASURES: dict[str, Measure] = {
             goal_check=_ann_goal,
             extra_check=_ann_check,
         ),
+        Measure(
+            "dedup",
+            [("project", f"{M}.dedup:dedup_project")],
+            "vectors/s grouped into near-duplicate groups (FAISS range search + components), 100k 64-d",
+            ratio=False,
+        ),
     ]
 }
 
