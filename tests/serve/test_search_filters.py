@@ -308,3 +308,31 @@ def test_cli_errors_are_one_line(env: dict[str, Path], extra: list[str], message
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(cli, ["search", "--index", str(env["index"]), "--id", "1", "--max-distance", "3"])
     assert r.exit_code == 2
+
+
+def test_query_expansion_is_on_for_a_model_index_and_distances_stay_plain() -> None:
+    """A GUIE-model index expands queries by default (alpha-QE, n=2): results differ from the plain search
+    for some queries, yet distances are measured from the query as given and come nearest first."""
+    ix, x = _synthetic_index("flat")
+    assert ix.expansion.qe_n == 2 and ix.expansion.dba_n == 0
+    plain = ix.search_batch(x[:40], 5, expand=False)
+    expanded = ix.search_batch(x[:40], 5)
+    assert any([h.id for h in a] != [h.id for h in b] for a, b in zip(plain, expanded, strict=True))
+    for q, row in zip(x[:40], expanded, strict=True):
+        d = [h.distance for h in row]
+        assert d == sorted(d) and row[0].distance < 1e-3  # the query's own item, at distance 0
+        for h in row:
+            assert abs(h.distance - float(np.linalg.norm(x[h.id] - q))) < 1e-4
+    adapted = ImageIndex(ix.root, ix.index, ix.items, {**ix.info, "adapt": {"spec": "pcaw4"}})
+    assert adapted.expansion.qe_n == 0
+
+
+def test_api_and_cli_can_turn_expansion_off(client: TestClient, env: dict[str, Path], ix: ImageIndex) -> None:
+    plain = [h.id for h in ix.search_batch(ix.vector(5), 6, exclude_ids=[5], expand=False)[0]]
+    r = client.get("/search", params={"id": 5, "k": 6, "expand": "false"})
+    assert r.status_code == 200 and [h["id"] for h in r.json()["results"]] == plain
+    assert client.get("/search", params={"id": 5, "expand": "maybe"}).status_code == 422
+    args = ["search", "--index", str(env["index"]), "--id", "5", "-k", "6", "--json", "--no-expand"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert [h["id"] for h in json.loads(r.output)[0]["results"]] == plain

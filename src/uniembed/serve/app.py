@@ -53,6 +53,7 @@ from uniembed.serve.uploads import (  # noqa: F401  (re-exported: the service's 
 
 STATIC_DIR = Path(__file__).parent / "static"
 
+
 def _install_error_handlers(app: FastAPI) -> None:
     """Invalid requests answer 422 with one readable line; any other exception answers 500, not a crash."""
 
@@ -89,6 +90,16 @@ def parse_k(raw: Any, limits: ServiceLimits) -> int:
     return k
 
 
+def parse_expand(raw: Any) -> bool:
+    """``expand``: query expansion as the index sets it (default, true/1) or off (false/0); 422 otherwise."""
+    text = "" if raw is None else str(raw).strip().lower()
+    if text in ("", "true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise HTTPException(422, f"expand must be true or false, got {text[:20]!r}")
+
+
 def parse_max_distance(raw: Any) -> float | None:
     """The distance cut-off of a search (None: no cut-off); 422 unless a number in [0, 2]."""
     if raw is None or str(raw).strip() == "":
@@ -114,10 +125,16 @@ def request_filters(index: ImageIndex, texts: list[str]) -> list[Filter]:
 
 
 def search_answer(
-    index: ImageIndex, vec: Any, k: int, max_distance: float | None, filters: list[Filter], exclude: list[int]
+    index: ImageIndex,
+    vec: Any,
+    k: int,
+    max_distance: float | None,
+    filters: list[Filter],
+    exclude: list[int],
+    expand: bool = True,
 ) -> dict[str, Any]:
     """Results plus ``matched`` (items passing the filters) out of ``total``, for "5 of 312 matching"."""
-    hits = index.search_batch(vec, k, max_distance=max_distance, filters=filters, exclude_ids=exclude)[0]
+    hits = index.search_batch(vec, k, max_distance, filters, exclude, expand)[0]
     return {
         "results": [{**h.to_dict(), "thumbnail": f"/thumb/{h.id}"} for h in hits],
         "k": k,
@@ -177,7 +194,8 @@ def _add_search_routes(app: FastAPI, embed_admitted: Callable[[bytes], Any], lim
         max_distance = parse_max_distance(fields.get("max_distance", q.get("max_distance")))
         filters = request_filters(index, [*fields.get("filter", []), *q.getlist("filter")])
         vec = await embed_admitted(data)
-        answer = await run_in_threadpool(search_answer, index, vec, k, max_distance, filters, [])
+        expand = parse_expand(fields.get("expand", q.get("expand")))
+        answer = await run_in_threadpool(search_answer, index, vec, k, max_distance, filters, [], expand)
         return {**answer, "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
     @app.get("/search")
@@ -192,7 +210,10 @@ def _add_search_routes(app: FastAPI, embed_admitted: Callable[[bytes], Any], lim
         max_distance = parse_max_distance(q.get("max_distance"))
         filters = request_filters(index, q.getlist("filter"))
         vec = await run_in_threadpool(index.vector, item_id)
-        answer = await run_in_threadpool(search_answer, index, vec, k, max_distance, filters, [item_id])
+        expand = parse_expand(q.get("expand"))
+        answer = await run_in_threadpool(
+            search_answer, index, vec, k, max_distance, filters, [item_id], expand
+        )
         return {**answer, "id": item_id, "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
     @app.get("/facets")

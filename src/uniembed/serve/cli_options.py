@@ -276,6 +276,14 @@ ItemIdOption = Annotated[
         "results) instead of query images.",
     ),
 ]
+NoExpandOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-expand",
+        help="Search with the plain query vector: no query expansion (on by default for an index of a GUIE "
+        "model: alpha-QE over the 2 nearest items, measured +0.010 mP@5 on unseen domains).",
+    ),
+]
 
 # ------------------------------------------------------------------------------------------------- edits
 RemoveOption = Annotated[

@@ -128,7 +128,7 @@ def search_paths(
     max_distance: float | None = None,
     filters: Sequence[Filter | str] | None = None,
     exclude_ids: Iterable[int] = (),
-    expand: Callable[[ImageIndex, np.ndarray], np.ndarray] | None = None,
+    expand: Callable[[ImageIndex, np.ndarray], np.ndarray] | bool | None = True,
 ) -> list[list[dict[str, Any]]]:
     """Top-k for query image files, one list of result dicts (id, path, label, domain, distance, and
     ``meta`` when the item has extra labels.csv columns) per query.

@@ -14,6 +14,7 @@ from uniembed.serve.cli_options import (
     FilterOption,
     ItemIdOption,
     MaxDistanceOption,
+    NoExpandOption,
     NoVerifyOption,
     ThreadsOption,
 )
@@ -70,6 +71,7 @@ def search_command(
     max_distance: MaxDistanceOption = None,
     filters: FilterOption = None,
     item_id: ItemIdOption = None,
+    no_expand: NoExpandOption = False,
     engine: EngineOption = "auto",
     threads: ThreadsOption = None,
     no_verify: NoVerifyOption = False,
@@ -89,7 +91,9 @@ def search_command(
     if bool(images) == (item_id is not None):
         raise _fail("give query image files, or --id N for more like an indexed item (one of the two)")
     if item_id is not None:
-        return search_by_id(index, item_id, k, max_distance, filters or [], as_json, not no_verify)
+        return search_by_id(
+            index, item_id, k, max_distance, filters or [], as_json, not no_verify, not no_expand
+        )
     try:
         ix, embedder = open_index_and_model(
             index, model, engine=engine, threads=threads or free_cores(), verify=not no_verify
@@ -107,7 +111,9 @@ def search_command(
         except BadImageError as e:
             failed.append({"query": str(p), "error": str(e)})
     vecs = embedder.embed_images(pil) if pil else None
-    all_hits = ix.search_batch(vecs, k, max_distance, checked) if vecs is not None else []
+    all_hits = (
+        ix.search_batch(vecs, k, max_distance, checked, expand=not no_expand) if vecs is not None else []
+    )
     if ix.adapted and not as_json:  # JSON output stays machine-readable; the projection is in index.json
         line = f"{ix.describe_projection()} ({ix.query_model_path()})"
         Console(soft_wrap=True).print(line, highlight=False)
@@ -139,6 +145,7 @@ def search_by_id(
     filters: list[str],
     as_json: bool,
     verify: bool,
+    expand: bool = True,
 ) -> None:
     """``uniembed search --id N``: more like indexed item N from its stored vector (no model needed)."""
     from uniembed.serve.index import ImageIndex, ImageIndexError
@@ -148,7 +155,7 @@ def search_by_id(
         item = ix.item(item_id)
         if item is None:
             raise ImageIndexError(f"no item with id {item_id} in the index at {index}")
-        hits = ix.search_batch(ix.vector(item_id), k, max_distance, filters, exclude_ids=[item_id])[0]
+        hits = ix.search_batch(ix.vector(item_id), k, max_distance, filters, [item_id], expand)[0]
         matched = ix.matching(filters, [item_id])
     except ImageIndexError as e:
         raise _fail(str(e)) from None
