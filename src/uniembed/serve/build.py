@@ -31,6 +31,7 @@ from uniembed.serve.edit_rows import UPLOADS_DIR
 from uniembed.serve.errors import ImageIndexError
 from uniembed.serve.faiss_index import (
     INDEX_TYPES,
+    SHARDED_TYPE,
     apply_search_params,
     choose_index_type,
     default_params,
@@ -56,6 +57,7 @@ class BuildResult:
     skipped_counts: dict[str, int] = field(default_factory=dict)
     embedder: dict[str, Any] = field(default_factory=dict)  # engine, batching, threads (as in index.json)
     adapt: dict[str, Any] | None = None  # the projection of a collection-adapted index (index.json "adapt")
+    recall: dict[str, Any] | None = None  # sharded index: recall@5 against exact search (index.json)
 
 
 @dataclass
@@ -89,6 +91,7 @@ class _Assembled:
     params: dict[str, int]
     dim: int
     prev_skipped: list[dict[str, str]]
+    recall: dict[str, Any] | None = None  # sharded index: recall@5 against exact search at build time
 
 
 def _link_or_copy_tree(src: Path, dst: Path) -> None:
@@ -237,10 +240,27 @@ def _finish_rows(
 
 
 def _assemble(
-    old: ImageIndex | None, rows: _NewRows, index_type: str, params: dict[str, int] | None
+    old: ImageIndex | None,
+    rows: _NewRows,
+    index_type: str,
+    params: dict[str, int] | None,
+    tmp: Path,
+    address: str | None = None,
+    bar: bool = True,
 ) -> _Assembled:
-    """A fresh FAISS index over the new rows, or the old one extended (rebuilt after a projection refit)."""
+    """A fresh FAISS index over the new rows, or the old one extended (rebuilt after a projection refit);
+    a sharded index is written into ``tmp`` as it is built (shards filled on Ray at ``address``)."""
     new = rows.vectors
+    if (old.info["index"]["type"] if old else index_type) == SHARDED_TYPE:
+        from uniembed.serve.sharded import assemble_sharded
+
+        was = old.info["index"] if old else {}
+        old_ix = old.index if old else None
+        b = assemble_sharded(old_ix, was.get("params"), new, rows.rebuild, params, tmp, address, bar)
+        items = (old.items if old else []) + rows.items
+        prev = list(old.info.get("skipped", [])) if old else []
+        dim = int(new.shape[1]) if old is None else old.dim
+        return _Assembled(b.index, items, SHARDED_TYPE, b.params, dim, prev, b.recall or was.get("recall"))
     if old is None:
         kind = choose_index_type(len(new)) if index_type == "auto" else index_type
         kind_params = default_params(kind, len(new), new.shape[1])
@@ -285,6 +305,7 @@ def _index_info(
             "params": built.params,
             "metric": "l2",
             "requested": old.info["index"].get("requested", "auto") if old else index_type,
+            **({"recall": built.recall} if built.recall else {}),
         },
         "count": len(built.items),
         "next_id": max([old.next_id if old else 0, *(int(it["id"]) + 1 for it in built.items)]),
@@ -335,6 +356,7 @@ def build_index(
     refit: bool = False,
     verify: bool = True,
     ray: dict[str, Any] | None = None,
+    shards: int | None = None,
 ) -> BuildResult:
     """Embed ``images`` with the model and write (or with ``add`` extend) a FAISS index at ``out_dir``.
 
@@ -356,6 +378,11 @@ def build_index(
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
+    if shards is not None:  # --shards N: a sharded index filled in N shards (Ray tasks with --ray)
+        index_type = SHARDED_TYPE if index_type == "auto" else index_type
+        if index_type != SHARDED_TYPE:
+            raise ImageIndexError(f"--shards builds a {SHARDED_TYPE} index, not {index_type!r}")
+        params = {**(params or {}), "shards": int(shards)}
     if isinstance(images, (str, Path)):  # one source given bare
         images = [images]
     if index_type not in INDEX_TYPES:
@@ -373,7 +400,8 @@ def build_index(
             embedder, records, total, old, tmp, limit, batch_size, thumb_size, workers, progress, on_ray
         )
         rows = _finish_rows(how, new_items, new, tmp, out_dir, old, n_threads)
-        built = _assemble(old, rows, index_type, params)
+        address = ray.get("address") if ray is not None else None
+        built = _assemble(old, rows, index_type, params, tmp, address, progress)
         described = {**embedder.describe(), "threads": n_threads}
         info = _index_info(built, rows, skipped, old, index_type, described, thumb_size, images)
         _write_index(tmp, built, info)
@@ -389,4 +417,5 @@ def build_index(
         skipped_counts=dict(Counter(s["reason"] for s in skipped)),
         embedder=info["embedder"],
         adapt=rows.adapt_info,
+        recall=built.recall,
     )

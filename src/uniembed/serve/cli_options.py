@@ -55,6 +55,15 @@ RayGpusOption = Annotated[
 RayTaskCpusOption = Annotated[
     float, typer.Option("--ray-cpus-per-task", min=0.01, help="CPUs each decode task reserves.")
 ]
+ShardsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--shards",
+        min=1,
+        help="Build an ivfpq_sharded index (IVF-PQ trained on a sample, filled in N shards - as Ray tasks "
+        "with --ray -, merged on disk and served memory-mapped); recall@5 against exact search is printed.",
+    ),
+]
 
 NoVerifyOption = Annotated[
     bool,

@@ -48,6 +48,7 @@ from uniembed.serve.cli_options import (
     RefitOption,
     RemoveFromOption,
     RemoveOption,
+    ShardsOption,
     ThreadsOption,
     ThumbSizeOption,
 )
@@ -151,6 +152,12 @@ def print_build_summary(res: BuildResult) -> None:
     t.add_row("skipped", f"{len(res.skipped)} " + (str(res.skipped_counts) if res.skipped else ""))
     t.add_row("index", f"{res.index_type} {res.params or ''}")
     t.add_row("model fingerprint", res.fingerprint)
+    if res.recall:
+        r = res.recall
+        t.add_row(
+            f"recall@{r['k']}",
+            f"{r['recall']:.3f} vs exact search ({r['queries']} queries, nprobe {r['nprobe']})",
+        )
     if res.adapt:
         a = res.adapt
         t.add_row(
@@ -198,6 +205,7 @@ def index_command(
     ray_cpus_per_actor: RayCpusOption = 1.0,
     ray_gpus_per_actor: RayGpusOption = 0.0,
     ray_cpus_per_task: RayTaskCpusOption = 1.0,
+    shards: ShardsOption = None,
 ) -> None:
     """Embed images with a saved_model.pt (or, with --adapt, a backbone + a projection fitted on the images)
     and build (or --add to) a FAISS index for search and serve; or --remove items from it."""
@@ -237,6 +245,7 @@ def index_command(
         engine=engine,
         threads=threads,
         verify=not no_verify,
+        shards=shards,
         ray=None
         if ray is None
         else dict(

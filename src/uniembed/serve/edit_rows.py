@@ -20,7 +20,7 @@ from uniembed.serve.store import INDEX_FILE, INFO_FILE, ITEMS_FILE, THUMBS_DIR, 
 UPLOADS_DIR = "uploads"
 FEATURES_FILE = "features.npy"  # adapt.FEATURES_FILE (not imported: adapt pulls in torch)
 ADAPT_FILES = ("projection.npz", "query_model.pt")  # written by AdaptPlan.finish on an add
-_REWRITTEN = {INDEX_FILE, ITEMS_FILE, INFO_FILE, FEATURES_FILE, THUMBS_DIR, UPLOADS_DIR}
+_REWRITTEN = {INDEX_FILE, ITEMS_FILE, INFO_FILE, FEATURES_FILE, THUMBS_DIR, UPLOADS_DIR, "index.ivfdata"}
 
 
 def _link(src: Path, dst: Path) -> None:

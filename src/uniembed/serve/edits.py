@@ -282,7 +282,7 @@ class IndexEditor:
                 raise _nothing_added(old, skipped)
             _save_uploads(tmp, records, {it["path"] for it in new_items})
             rows = build._finish_rows(how, new_items, new, tmp, self.out_dir, old, self.threads)
-            built = build._assemble(old, rows, "auto", None)
+            built = build._assemble(old, rows, "auto", None, tmp, None, False)
             _step()
             described = old.info.get("embedder", {})
             info = build._index_info(built, rows, skipped, old, "auto", described, thumb, [])

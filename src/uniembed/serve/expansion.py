@@ -77,6 +77,11 @@ def settings_for_index(info: dict[str, Any]) -> ExpansionSettings:
     recorded = info.get("expansion")
     if isinstance(recorded, dict):
         return ExpansionSettings.from_dict(recorded)
+    index = info.get("index") if isinstance(info.get("index"), dict) else {}
+    if index.get("type") == "ivfpq_sharded":
+        # Reading neighbours back needs an id map over every vector (8 bytes each: 8 GB at 1B) and gives
+        # only PQ approximations; the gain was measured on exact vectors. Opt in with an expansion block.
+        return ExpansionSettings()
     default = DEFAULTS["adapted" if isinstance(info.get("adapt"), dict) else "model"]
     return ExpansionSettings(qe_n=default.qe_n, qe_alpha=default.qe_alpha)
 

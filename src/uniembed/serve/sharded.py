@@ -176,6 +176,8 @@ def merge_shards(trained: np.ndarray, shard_files: list[Path], out_dir: Path, ex
         sources.append(faiss.extract_index_ivf(shard).invlists)
     if extra_lists is not None:
         sources.insert(0, extra_lists)
+    # A hard link to the old index's lists (an edit links unchanged files) must not be written through.
+    (out_dir / IVFDATA_FILE).unlink(missing_ok=True)
     lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(out_dir / IVFDATA_FILE))
     vec = faiss.InvertedListsPtrVector()
     for s in sources:

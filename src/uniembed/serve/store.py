@@ -33,7 +33,7 @@ from uniembed.core.integrity import read_json_object, reading, verify_checksums
 from uniembed.export.embedder import Embedder
 from uniembed.serve.errors import DamagedIndexError, ImageIndexError, ModelMismatchError
 from uniembed.serve.expansion import ExpansionSettings, expander, settings_for_index
-from uniembed.serve.faiss_index import apply_search_params
+from uniembed.serve.faiss_index import apply_search_params, read_faiss_file
 from uniembed.serve.filters import Filter, ItemColumns, filtered_search, item_meta, parse_filters
 from uniembed.serve.items import ITEM_FIELDS, absolute_path, read_items
 
@@ -73,12 +73,11 @@ def _check_info(path: Path, info: dict[str, Any], fix: str) -> None:
         raise DamagedIndexError(f"{path} is damaged (incomplete 'index' or 'model' entry); {fix}")
 
 
-def _read_faiss(path: Path, fix: str) -> Any:
-    """The FAISS index file, or one line saying it cannot be read (FAISS's own error is a C++ trace)."""
-    import faiss
-
+def _read_faiss(path: Path, fix: str, index_type: str) -> Any:
+    """The FAISS index file (a sharded index memory-mapped from the index.ivfdata beside it), or one line
+    saying it cannot be read (FAISS's own error is a C++ trace)."""
     with reading(path, fix, DamagedIndexError, what="cannot be read as a FAISS index"):
-        return faiss.read_index(str(path))
+        return read_faiss_file(path, index_type)
 
 
 def _read_item_table(path: Path, fix: str) -> list[dict[str, str]]:
@@ -157,7 +156,7 @@ class ImageIndex:
                 raise DamagedIndexError(f"{root / name} is missing; {fix}")
         if verify:
             verify_checksums(root, info, str(root / INFO_FILE), fix, DamagedIndexError)
-        index = _read_faiss(root / INDEX_FILE, fix)
+        index = _read_faiss(root / INDEX_FILE, fix, info["index"]["type"])
         items = _read_item_table(root / ITEMS_FILE, fix)
         if index.ntotal != len(items) or index.ntotal != int(info["count"]):
             raise DamagedIndexError(

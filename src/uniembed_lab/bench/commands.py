@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
             None,
             "--only",
             help="Run only these measures (repeat the option or separate with commas): extract, "
-            "extract_profile, extract_ray, head_epoch, search_exact, search_ann.",
+            "extract_profile, extract_ray, head_epoch, search_exact, search_ann, sharded_index, dedup.",
         ),
         data: Path = typer.Option(
             None,

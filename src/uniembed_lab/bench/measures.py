@@ -41,6 +41,18 @@ def _ray_goal(r: dict) -> bool:
     return bool(r["checks"]["features_identical"])
 
 
+def _sharded_check(cfg: BenchConfig, r: dict) -> dict:
+    from uniembed_lab.bench.sharded import sharded_check
+
+    return sharded_check(cfg, r)
+
+
+def _sharded_goal(r: dict) -> bool:
+    from uniembed_lab.bench.sharded import sharded_goal
+
+    return sharded_goal(r)
+
+
 def _head_goal(r: dict) -> bool:
     return r["ratio"] >= 100.0
 
@@ -121,6 +133,16 @@ MEASURES: dict[str, Measure] = {
             goal="recall@5 >= 0.95",
             goal_check=_ann_goal,
             extra_check=_ann_check,
+        ),
+        Measure(
+            "sharded_index",
+            [("baseline", f"{M}.sharded:sharded_baseline"), ("project", f"{M}.sharded:sharded_project")],
+            "queries/s: merged sharded IVF-PQ (memory-mapped) vs flat index; build time, recall@5 and "
+            "serving RAM in the SHARDED line",
+            goal="recall@5 >= 0.8 and less serving RAM than flat",
+            goal_check=_sharded_goal,
+            extra_check=_sharded_check,
+            timeout_s={"quick": 600, "full": 1800},
         ),
         Measure(
             "dedup",

@@ -38,6 +38,17 @@ def print_report(cfg: BenchConfig, results: dict[str, dict], wall_s: float, cons
             print(
                 f"RATIO {name} {fmt(r['project']['figure'])} {fmt(r['baseline']['figure'])} {r['ratio']:.2f}"
             )
+    if "sharded_index" in results and "error" not in results["sharded_index"]:
+        from uniembed_lab.bench.sharded import summary_line
+
+        print(summary_line(results["sharded_index"]["checks"], cfg.k))
+    dedup = results.get("dedup")
+    if dedup and "error" not in dedup:
+        d = dedup["project"]["details"]
+        print(
+            f"DEDUP vectors {d['n']} dim {d['dim']} threshold {d['threshold']:g} seconds {d['seconds']:.1f} "
+            f"vectors_per_s {d['vectors_per_s']:.0f} groups {d['groups']}"
+        )
     for name, r in results.items():
         if "error" in r:
             print(f"FAILED {name}: {r['error'].splitlines()[0]}")
