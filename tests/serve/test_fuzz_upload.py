@@ -112,9 +112,9 @@ def test_soak_index_check_sees_a_wrong_index(
 
 
 @pytest.mark.slow
-def test_soak_half_minute(tmp_path: Path) -> None:
+def test_soak_quarter_minute(tmp_path: Path) -> None:
     """`make soak` in small: real server, mixed uploads, concurrent `index --add`, report and checks."""
-    rc = soak.main(["--minutes", "0.5", "--clients", "2", "--interval", "5", "--out", str(tmp_path)])
+    rc = soak.main(["--minutes", "0.25", "--clients", "2", "--interval", "4", "--out", str(tmp_path)])
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rc == 0 and rep["passed"], rep["checks"]
     assert rep["requests"] > 50 and rep["add_runs"]["ok"] >= 1 and rep["index"]["consistent"]

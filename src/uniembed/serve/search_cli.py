@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -81,7 +81,6 @@ def search_command(
     from rich.console import Console
 
     from uniembed.core.runtime import free_cores
-    from uniembed.data.images import BadImageError, load_image
     from uniembed.export.embedder import ModelError
     from uniembed.serve.filters import parse_filters
     from uniembed.serve.index import ImageIndexError, open_index_and_model
@@ -103,16 +102,8 @@ def search_command(
     except (ImageIndexError, ModelError) as e:
         raise _fail(str(e) + _MODEL_HINT * (model is None and isinstance(e, ModelError))) from None
 
-    queries, pil, failed = [], [], []
-    for p in images or []:
-        try:
-            pil.append(load_image(p))
-            queries.append(p)
-        except BadImageError as e:
-            failed.append({"query": str(p), "error": str(e)})
-    vecs = embedder.embed_images(pil) if pil else None
-    all_hits = (
-        ix.search_batch(vecs, k, max_distance, checked, expand=not no_expand) if vecs is not None else []
+    queries, pil, all_hits, failed = _search_files(
+        ix, embedder, images or [], k, max_distance, checked, not no_expand
     )
     if ix.adapted and not as_json:  # JSON output stays machine-readable; the projection is in index.json
         line = f"{ix.describe_projection()} ({ix.query_model_path()})"
@@ -135,6 +126,30 @@ def search_command(
             Console().print(f"grid written to {grid}")
     if failed:
         raise typer.Exit(1)
+
+
+def _search_files(
+    ix: Any,
+    embedder: Any,
+    images: list[Path],
+    k: int,
+    max_distance: float | None,
+    filters: list,
+    expand: bool,
+) -> tuple[list[Path], list[Any], list[list[Hit]], list[dict[str, str]]]:
+    """(readable queries, their images, their hits, unreadable queries with the reason) for query files."""
+    from uniembed.data.images import BadImageError, load_image
+
+    queries, pil, failed = [], [], []
+    for p in images:
+        try:
+            pil.append(load_image(p))
+            queries.append(p)
+        except BadImageError as e:
+            failed.append({"query": str(p), "error": str(e)})
+    vecs = embedder.embed_images(pil) if pil else None
+    all_hits = ix.search_batch(vecs, k, max_distance, filters, expand=expand) if vecs is not None else []
+    return queries, pil, all_hits, failed
 
 
 def search_by_id(
