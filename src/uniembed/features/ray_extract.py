@@ -19,16 +19,15 @@ from __future__ import annotations
 import logging
 import pickle
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from uniembed.core.ray_cluster import ray_session as _ray_session
 from uniembed.features.cache import (
     ExtractResult,
     ExtractStats,
@@ -80,34 +79,9 @@ class RayOptions:
             )
 
 
-@contextmanager
-def ray_session(address: str) -> Iterator[Any]:
-    """Ray connected to ``address`` (kept as is when this process already is), shut down after if we
-    connected. A cluster that cannot be reached is one line (``ExtractError``)."""
-    try:
-        import ray
-    except ImportError as e:
-        raise ExtractError("--ray needs Ray: pip install 'uniembed[cluster]' (ray[data])") from e
-    if ray.is_initialized():
-        yield ray
-        return
-    # Ray prints its notices (a task retried after a node died, ...) to stdout from a thread of its own, up
-    # to the shutdown: they go to stderr, so stdout keeps only what the command prints (scripts read it).
-    with redirect_stdout(sys.stderr):
-        try:
-            ray.init(
-                address=None if address in ("", "auto") else address,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-                configure_logging=True,
-            )
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            first = str(e).splitlines()[0]
-            raise ExtractError(f"cannot connect to the Ray cluster at {address}: {first}") from e
-        try:
-            yield ray
-        finally:
-            ray.shutdown()
+def ray_session(address: str) -> Any:
+    """Ray connected to ``address`` for this stage (``core.ray_cluster``); failures are ``ExtractError``."""
+    return _ray_session(address, ExtractError)
 
 
 def _actors(ray: Any, opts: RayOptions, n_blocks: int) -> int:

@@ -13,7 +13,6 @@ cluster nodes need no shared file system. Ray is imported only when ``address`` 
 
 from __future__ import annotations
 
-import logging
 import math
 import shutil
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from uniembed.core.ray_cluster import ray_session as _ray_session
 from uniembed.serve.errors import ImageIndexError
 from uniembed.serve.faiss_index import SHARDED_TYPE
 from uniembed.serve.sharded_io import IVFDATA_FILE, quiet_faiss, read_sharded, tune_and_measure
@@ -113,32 +113,9 @@ def _fill_local(
         yield i, fill_shard(trained, vectors[a:b], first_id + a)
 
 
-@contextmanager
-def ray_session(address: str) -> Iterator[Any]:
-    """Ray connected to ``address`` ("auto": RAY_ADDRESS or a running local cluster, else a new local one;
-    HOST:PORT), kept as is when this process already is connected; shut down after only if we connected."""
-    try:
-        import ray
-    except ImportError as e:
-        raise ImageIndexError("--ray needs Ray: pip install 'uniembed[cluster]' (ray[data])") from e
-    if ray.is_initialized():
-        yield ray
-        return
-    try:
-        ray.init(
-            address=None if address in ("", "auto") else address,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-            include_dashboard=False,
-        )
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ImageIndexError(
-            f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}"
-        ) from e
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+def ray_session(address: str) -> Any:
+    """Ray connected to ``address`` (``core.ray_cluster``); failures are ``ImageIndexError``."""
+    return _ray_session(address, ImageIndexError)
 
 
 def _fill_ray(
