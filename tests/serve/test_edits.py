@@ -204,7 +204,9 @@ def test_edits_are_off_by_default_and_need_the_token(env: dict[str, Path], tmp_p
     r = off.post("/items", files=upload, headers=AUTH)
     assert r.status_code == 405 and "--allow-edits" in r.json()["detail"]
     assert off.delete("/items/1", headers=AUTH).status_code == 405
+    assert off.get("/health").json()["edits"] is False
     on = make_client(d, env["model"], TOKEN)
+    assert on.get("/health").json()["edits"] is True
     r = on.post("/items", files=upload)
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     assert on.delete("/items/1", headers={"Authorization": "Bearer nope"}).status_code == 403

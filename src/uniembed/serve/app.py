@@ -259,6 +259,8 @@ def _add_routes(app: FastAPI, embedder: Embedder, limits: ServiceLimits) -> None
             "max_concurrent": gate.slots,
             "busy": gate.busy,
             "waiting": gate.waiting,
+            # POST /items and DELETE /items/{id} accept edits (the page shows its edit controls).
+            "edits": bool(getattr(getattr(request.app.state, "edits", None), "token", None)),
         }
 
     @app.post("/embed")
