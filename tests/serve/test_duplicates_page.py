@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from uniembed.serve.index import build_index
-from uniembed_lab.scaffold.background import CHROMIUM_ARGS, find_chromium, free_port
+from uniembed_lab.scaffold.background import chromium_page, find_chromium, free_port
 from uniembed_lab.scaffold.tiny_model import make_synthetic_images, make_tiny_model
 
 CHROMIUM = find_chromium()
@@ -63,36 +63,29 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_duplicates_page_shows_groups_and_follows_the_threshold(server: str) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 800})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server + "/duplicates/view")
-            groups = page.locator("#groups .group")
-            expect(page.locator("#status")).to_contain_text("groups at threshold", timeout=15_000)
-            # Threshold 0: only the byte-identical copy and its original, shown as "identical".
-            page.locator("#threshold").fill("0")
-            expect(page.locator("#threshold-value")).to_have_text("0.00")
-            expect(groups).to_have_count(1, timeout=15_000)
-            expect(groups.first).to_contain_text("identical")
-            expect(groups.first.locator(".member")).to_have_count(2)
-            expect(page.locator("#counts")).to_contain_text("1 groups · 2 of 13 images in groups")
-            page.wait_for_function(
-                "() => [...document.querySelectorAll('#groups img')]"
-                ".every(i => i.complete && i.naturalWidth > 0)",
-                timeout=15_000,
-            )
-            # A wide threshold links each synthetic label's images: 3 groups holding all 13 images.
-            page.locator("#threshold").fill("0.2")
-            expect(groups).to_have_count(3, timeout=15_000)
-            expect(page.locator("#counts")).to_contain_text("13 of 13 images in groups")
-            expect(page.locator("#status")).to_contain_text("3 groups at threshold 0.2")
-            page.locator("#reset").click()
-            expect(page.locator("#status")).not_to_contain_text("threshold 0.2", timeout=15_000)
-            assert errors == []
-        finally:
-            browser.close()
+    with chromium_page(CHROMIUM, 1200, 800) as (page, errors):
+        page.goto(server + "/duplicates/view")
+        groups = page.locator("#groups .group")
+        expect(page.locator("#status")).to_contain_text("groups at threshold", timeout=15_000)
+        # Threshold 0: only the byte-identical copy and its original, shown as "identical".
+        page.locator("#threshold").fill("0")
+        expect(page.locator("#threshold-value")).to_have_text("0.00")
+        expect(groups).to_have_count(1, timeout=15_000)
+        expect(groups.first).to_contain_text("identical")
+        expect(groups.first.locator(".member")).to_have_count(2)
+        expect(page.locator("#counts")).to_contain_text("1 groups · 2 of 13 images in groups")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#groups img')]"
+            ".every(i => i.complete && i.naturalWidth > 0)",
+            timeout=15_000,
+        )
+        # A wide threshold links each synthetic label's images: 3 groups holding all 13 images.
+        page.locator("#threshold").fill("0.2")
+        expect(groups).to_have_count(3, timeout=15_000)
+        expect(page.locator("#counts")).to_contain_text("13 of 13 images in groups")
+        expect(page.locator("#status")).to_contain_text("3 groups at threshold 0.2")
+        page.locator("#reset").click()
+        expect(page.locator("#status")).not_to_contain_text("threshold 0.2", timeout=15_000)
+        assert errors == []

@@ -12,8 +12,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 #: Flags for Debian's headless Chromium on a machine with no network beyond loopback: without the
 #: background-networking ones it keeps trying (and failing) to reach Google's hosts.
@@ -34,6 +37,23 @@ def find_chromium() -> str | None:
     import shutil
 
     return shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+@contextmanager
+def chromium_page(chromium: str, width: int, height: int) -> Iterator[tuple[Any, list[str]]]:
+    """A page of the system Chromium (Playwright's Python driver) and the list its uncaught page errors
+    collect in, so a browser test can assert the page ran clean; the browser is closed whatever happens."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            yield page, errors
+        finally:
+            browser.close()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
