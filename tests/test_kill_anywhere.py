@@ -132,9 +132,9 @@ class Watcher:
                 return
             check_file(p)
         except FileNotFoundError:
-            if p.exists():
-                raise
-            return  # removed while looked at (e.g. the checkpoints of a finished extraction)
+            # Removed while looked at (the checkpoints of a finished extraction), or its folder was between
+            # the two renames of swap_dir_into_place. Not marked seen: if it is back, the next poll checks it.
+            return
         self.seen[p] = key
         self.checked += 1
 
