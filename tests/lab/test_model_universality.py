@@ -97,6 +97,10 @@ def test_shipped_model_is_trained_on_every_label(model_dir: Path) -> None:
     assert split["val_labels"] == [] and len(split["train_labels"]) == len(split["label_domain"])
     assert export["backbone"]["name"] == "mobilenetv2+efficientnet_lite2"
     assert export["parity"]["passed"]
+    # the ensemble's ONNX graph (dynamic H/W) is checked here, where `make model` writes it
+    assert export["onnx"]["dynamic_hw"] and export["onnx"]["verify_max_abs_diff"] < 1e-3
+    names = {c["name"] for c in export["parity"]["comparisons"]}
+    assert {"onnx vs cached features (shard JPEGs)", "onnx vs python (photos)"} <= names
     model = torch.jit.load(str(model_dir / "saved_model.pt"))
     y = model(torch.randint(0, 256, (2, 3, 190, 333), dtype=torch.uint8))
     assert y.dtype == torch.float32 and tuple(y.shape) == (2, 64)

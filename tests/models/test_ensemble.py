@@ -80,7 +80,7 @@ def test_ensemble_through_extract_export_index_and_search(
     small_labels_csv: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """Real weights, 12 real photos: extract (ONNX Runtime) == torch features; export passes parity
-    (TorchScript and ONNX); an index built with the exported model finds each photo first."""
+    (TorchScript); an index built with the exported model finds each photo first."""
     from uniembed.data.prepare import prepare
     from uniembed.export.guie import export_guie
     from uniembed.features.extract import extract
@@ -113,7 +113,8 @@ def test_ensemble_through_extract_export_index_and_search(
     head = build_head(cfg)
     init_head_from_features(head, torch.from_numpy(feats), "pca")
     run = write_head_run(root / "run", head, cfg, fdir, info)
-    rec = export_guie(run, root / "model", onnx=True, parity_images=4, progress=False)
+    # ONNX of the ensemble: checked in tests/lab/test_model_universality.py (`make model` writes it)
+    rec = export_guie(run, root / "model", onnx=False, parity_images=4, progress=False)
     assert rec["parity"]["passed"] and rec["backbone"]["name"] == PAIR
     assert [m["name"] for m in rec["backbone"]["members"]] == ["mobilenetv2", "efficientnet_lite2"]
     card = (root / "model" / "model_card.md").read_text()

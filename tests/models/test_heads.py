@@ -86,6 +86,22 @@ def test_pca_spectrum_is_the_whole_covariance_and_pca_fit_its_top() -> None:
     assert torch.equal(top_var, var[:5].clamp_min(0).float())
 
 
+def test_pca_fit_with_fewer_rows_than_dimensions_matches_the_full_spectrum() -> None:
+    """Fewer rows than dimensions takes the Gram-matrix route: the same top directions and variances."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 300, generator=g) * torch.linspace(3.0, 0.1, 300)
+    mean, comps, var = pca_spectrum(x)
+    top_mean, top_comps, top_var = pca_fit(x, 16)
+    torch.testing.assert_close(top_mean, mean.float())
+    torch.testing.assert_close(top_comps, comps[:16].float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(top_var, var[:16].float(), atol=1e-6, rtol=1e-5)
+    # rank 4 (repeated rows): the null directions come from the full route, variances ~0, no division by 0
+    dup = torch.randn(5, 300, generator=g).repeat(8, 1)
+    _, c, v = pca_fit(dup, 10)
+    assert torch.isfinite(c).all() and torch.allclose(c.norm(dim=1), torch.ones(10), atol=1e-4)
+    assert v[4:].max() < 1e-4 * v[0]
+
+
 def test_pca_init_without_centre_folds_mean_into_bias() -> None:
     x = _feats()
     a = build_head({"in_dim": 96, "init": "pca"})

@@ -135,8 +135,31 @@ def pca_spectrum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 def pca_fit(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PCA of rows of ``x`` (float): (mean [D], components [k, D] as rows, variances [k]), largest first,
     all float32 (the top ``k`` of :func:`pca_spectrum`)."""
+    x = x.float()
+    if k < x.shape[0] - 1 < x.shape[1]:
+        top = _pca_top_from_gram(x, k)
+        if top is not None:
+            return top
     mean, comps, evals = pca_spectrum(x)
     return mean.float(), comps[:k].float(), evals[:k].clamp_min(0).float()
+
+
+@torch.no_grad()
+def _pca_top_from_gram(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The top ``k`` of :func:`pca_spectrum` through the N x N Gram matrix when there are fewer rows than
+    dimensions (a small collection, a quick run): the same directions and variances, O(N^2 D) instead of an
+    O(D^3) eigendecomposition (2560-d: milliseconds instead of ~5 s). None when a top direction has (almost)
+    no variance, so the caller takes the full route."""
+    mean = x.mean(0)
+    xc = (x - mean).double()
+    evals, u = torch.linalg.eigh(xc @ xc.T)  # ascending; evals = (n - 1) * variances
+    evals, u = evals.flip(0)[:k], u.flip(1)[:, :k]
+    if evals.min() <= 1e-9 * evals.max().clamp_min(1e-300):
+        return None
+    comps = (xc.T @ u / evals.sqrt()).T.contiguous()  # unit rows: the right singular vectors
+    sign = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
+    comps = comps * torch.where(sign == 0, torch.ones_like(sign), sign)
+    return mean, comps.float(), (evals / max(x.shape[0] - 1, 1)).float()
 
 
 @torch.no_grad()
