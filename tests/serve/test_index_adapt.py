@@ -327,9 +327,13 @@ def test_cli_index_and_search_without_model(patched_registry: None, folder: Path
     # no --model: a collection-adapted index with the measured defaults (the real ensemble backbone)
     from uniembed.serve.commands import DEFAULT_ADAPT, DEFAULT_BACKBONE, index_mode
 
-    assert index_mode(None, None, None, False) == (DEFAULT_ADAPT, DEFAULT_BACKBONE) == (
-        "pcaw256",
-        "mobilenetv2+efficientnet_lite2",
+    assert (
+        index_mode(None, None, None, False)
+        == (DEFAULT_ADAPT, DEFAULT_BACKBONE)
+        == (
+            "pcaw256",
+            "mobilenetv2+efficientnet_lite2",
+        )
     )
     assert index_mode(None, "pca4", None, False) == ("pca4", DEFAULT_BACKBONE)
     assert index_mode(Path("m.pt"), None, None, False) == (None, None)

@@ -198,5 +198,3 @@ def fit_projection(
         explained_variance=float(evals.sum() / total),
         meta=dict(meta or {}),
     )
-
-

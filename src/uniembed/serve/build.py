@@ -203,8 +203,17 @@ def _embed_new_images(
 
     embed = embed_records if ray is None else functools.partial(embed_records_ray, ray=ray)
     new_items, new, skipped, seen = embed(
-        embedder, noting_meta(records), total, limit, known, start_id, thumbs, batch_size, thumb_size,
-        workers, progress,
+        embedder,
+        noting_meta(records),
+        total,
+        limit,
+        known,
+        start_id,
+        thumbs,
+        batch_size,
+        thumb_size,
+        workers,
+        progress,
     )
     for it in new_items:
         if it["path"] in metas:

@@ -320,7 +320,15 @@ def serve_command(
         raise _fail("--allow-edits needs a token: --edit-token TOKEN or the UNIEMBED_EDIT_TOKEN variable")
     try:
         started = run_service(
-            index, model, limits, host, port, engine, threads, not no_verify, log_level,
+            index,
+            model,
+            limits,
+            host,
+            port,
+            engine,
+            threads,
+            not no_verify,
+            log_level,
             edit_token=edit_token.strip() if allow_edits and edit_token else None,
         )
     except StartError as e:
