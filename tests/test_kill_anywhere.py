@@ -450,6 +450,7 @@ def test_index_add_survives_kills(small_labels_csv: Path, work: Path) -> None:
         whole,
     )
     assert len(paths(out)) == len(rows) > len(paths(base))
+    assert not list(root.glob(".kill.tmp-*"))  # the rerun removed the build folders of the killed runs
     for name in ("index.faiss", "items.csv"):
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     thumbs = sorted(p.name for p in (ref / "thumbs").iterdir())

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
+import time
 from pathlib import Path
 
 import pytest
 
-from uniembed.core.fsutil import atomic_path, atomic_write_text, building_dir, sha256_file
+from uniembed.core.fsutil import (
+    atomic_path,
+    atomic_write_text,
+    building_dir,
+    drop_dead_builds,
+    make_tmp_dir,
+    sha256_file,
+)
 
 
 def test_sha256_file(tmp_path: Path) -> None:
@@ -91,3 +101,31 @@ def test_a_swap_killed_between_its_renames_is_restored_by_the_next_build(tmp_pat
         (tmp / "v").write_text("2")
     assert (out / "v").read_text() == "2"
     assert not list(tmp_path.glob(".index.*"))
+
+
+def test_build_folders_of_killed_runs_are_removed_live_ones_kept(tmp_path: Path) -> None:
+    """A build folder nobody holds a flock on was left by a killed run: the next build (or prepare's sweep)
+    removes it. One a live build holds is kept, and a live build's own folder is never swept."""
+    out = tmp_path / "index"
+    dead = make_tmp_dir(out)  # a .index.tmp-* folder nobody locks: what a SIGKILLed build leaves
+    (dead / "half.faiss").write_bytes(b"x" * 100)
+    live = make_tmp_dir(out)
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another build, still running
+        with building_dir(out) as tmp:
+            assert not dead.exists() and live.exists()
+            assert drop_dead_builds(out) == 0 and tmp.exists()  # this build's own folder is held too
+            (tmp / "v").write_text("1")
+    finally:
+        os.close(fd)
+    assert (out / "v").read_text() == "1" and live.exists()
+    assert drop_dead_builds(out) == 1 and not live.exists()  # its process "died": the lock is gone
+    # killed between making and locking a folder: an empty .new-* one, removed once it is a minute old
+    stale = tmp_path / ".index.new-1-ab"
+    stale.mkdir()
+    assert drop_dead_builds(out) == 0 and stale.exists()
+    old = time.time() - 120
+    os.utime(stale, (old, old))
+    assert drop_dead_builds(out) == 1 and not stale.exists()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["index"]

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from uniembed.cli import app
 from uniembed.export.embedder import ModelError, file_fingerprint, load_embedder
-from uniembed.serve import build as build_mod
+from uniembed.serve import assemble as assemble_mod
 from uniembed.serve.index import (
     IVF_MAX_NLIST,
     ImageIndex,
@@ -144,7 +144,7 @@ def test_failed_build_leaves_previous_index_intact(
     def boom(*a: object, **k: object) -> None:
         raise RuntimeError("simulated crash while building")
 
-    monkeypatch.setattr(build_mod, "make_faiss_index", boom)
+    monkeypatch.setattr(assemble_mod, "make_faiss_index", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         build_index(tiny, [folder], out, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == snapshot

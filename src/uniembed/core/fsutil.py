@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -125,15 +127,85 @@ def restore_interrupted_swap(out_dir: str | Path) -> Path | None:
     return out_dir
 
 
+def _try_flock(fd: int) -> bool:
+    """Take the exclusive flock on ``fd`` if nobody holds it (always False where there is no fcntl)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the folders killed runs leave stay
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _make_locked_build_dir(out_dir: Path) -> tuple[Path, int]:
+    """A fresh ``.NAME.tmp-*`` build folder that is flock-ed from the moment it has that name: it is made as
+    ``.NAME.new-*``, locked, then renamed (the lock stays with the folder), so a sweeper never mistakes a
+    live build for a dead one. Returns the folder and the descriptor holding the lock."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    suffix = f"{os.getpid()}-{secrets.token_hex(4)}"
+    new = out_dir.parent / f".{out_dir.name}.new-{suffix}"
+    new.mkdir()  # mode 0o777 less the umask, like the final folder
+    fd = os.open(new, os.O_RDONLY)
+    try:
+        _try_flock(fd)
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{suffix}"
+        os.rename(new, tmp)
+    except BaseException:
+        os.close(fd)
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    return tmp, fd
+
+
+def _sweep_dead_builds(out_dir: Path) -> int:
+    """Remove the ``.NAME.tmp-*`` build folders nobody holds, and empty ``.NAME.new-*`` ones over a minute
+    old (a process killed in the microseconds between making and locking one)."""
+    removed = 0
+    for d in out_dir.parent.glob(f".{out_dir.name}.new-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - d.stat().st_mtime > 60:
+                d.rmdir()  # only if empty
+                removed += 1
+    for d in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        try:
+            fd = os.open(d, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if _try_flock(fd):
+                shutil.rmtree(d, ignore_errors=True)
+                removed += 1
+        finally:
+            os.close(fd)
+    return removed
+
+
+def drop_dead_builds(out_dir: str | Path) -> int:
+    """Remove the build folders that killed runs left beside ``out_dir`` (a staging copy of a dataset, a
+    half-built index: they can be large). A live build holds a flock on its folder for its whole life and the
+    kernel drops it when the process ends, however it ends, so an unlocked folder is a dead one. Returns how
+    many were removed."""
+    out_dir = Path(out_dir)
+    return _sweep_dead_builds(out_dir) if out_dir.parent.is_dir() else 0
+
+
 @contextlib.contextmanager
 def building_dir(out_dir: str | Path, check: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Build a replacement for ``out_dir`` in a temp folder beside it; swap it in on success, delete it on
-    error (also on Ctrl-C), so a failed run leaves the previous output untouched."""
+    error (also on Ctrl-C), so a failed run leaves the previous output untouched. The folder is locked while
+    this process lives, so the next build removes it if the process was killed (:func:`drop_dead_builds`)."""
+    out_dir = Path(out_dir)
     restore_interrupted_swap(out_dir)
-    tmp = make_tmp_dir(out_dir)
+    drop_dead_builds(out_dir)
+    tmp, fd = _make_locked_build_dir(out_dir)
     try:
         yield tmp
         swap_dir_into_place(tmp, out_dir, check=check)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(fd)

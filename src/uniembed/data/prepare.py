@@ -23,20 +23,17 @@ writes the shards and the manifest.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import random
-import shutil
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uniembed.core.fsutil import building_dir, file_stamp
+from uniembed.core.fsutil import building_dir, drop_dead_builds, file_stamp
 from uniembed.data.decode import (
     JPEG_QUALITY,
     Decoded,
@@ -148,7 +145,7 @@ def prepare(
     selection = select_records(srcs, min_per_class, cap_per_source, rng, console)
 
     input_hash = _input_hash(srcs, selection.records, options)
-    _drop_dead_builds(out_dir)
+    drop_dead_builds(out_dir)  # also when the dataset is up to date
     if not force:
         existing = _existing_manifest(out_dir, input_hash)
         if existing is not None:
@@ -159,7 +156,7 @@ def prepare(
 
     if out_dir.exists():  # refuse before the work, not after it
         _refuse_foreign_dir(out_dir)
-    with building_dir(out_dir, check=_refuse_foreign_dir) as tmp, _held(tmp):
+    with building_dir(out_dir, check=_refuse_foreign_dir) as tmp:
         manifest = _build(srcs, selection, tmp, options, input_hash, workers, progress, rng)
         manifest["build_seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
@@ -168,47 +165,6 @@ def prepare(
         write_report(manifest, tmp)
     print_summary(manifest, out_dir, console)
     return manifest
-
-
-def _lock(fd: int) -> bool:
-    """Take the exclusive lock on ``fd`` if nobody holds it (always False where there are no locks)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: the folders killed runs leave stay
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def _held(build: Path) -> Iterator[None]:
-    """Lock the build folder while this process works in it: the kernel drops the lock when the process
-    ends, however it ends, so a folder nobody holds was left by a killed run."""
-    fd = os.open(build, os.O_RDONLY)
-    try:
-        _lock(fd)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _drop_dead_builds(out_dir: Path) -> None:
-    """Remove the build folders (``.<name>.tmp-*`` beside ``out_dir``, each with a staging copy of every
-    decoded image) that killed runs left behind; a folder a live ``prepare`` holds is kept."""
-    for d in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-        try:
-            fd = os.open(d, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            dead = _lock(fd)
-        finally:
-            os.close(fd)
-        if dead:
-            shutil.rmtree(d, ignore_errors=True)
 
 
 def _refuse_foreign_dir(out_dir: Path) -> None:

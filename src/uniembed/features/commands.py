@@ -141,17 +141,28 @@ def extract_cmd(
         checkpoint_seconds=checkpoint_seconds,
     )
     with exit_on_interrupt():
-        cluster = None
-        if ray is not None:
-            cluster = dict(
-                address=ray,
-                actors=ray_actors,
-                cpus_per_actor=ray_cpus_per_actor,
-                gpus_per_actor=ray_gpus_per_actor,
-                cpus_per_task=ray_cpus_per_task,
-            )
+        cluster = ray_request(ray, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, ray_cpus_per_task)
         result = _run_extract(dataset_dir, compile, common, cluster)
     _print_summary(result)
+
+
+def ray_request(
+    address: str | None,
+    actors: int | None,
+    cpus_per_actor: float,
+    gpus_per_actor: float,
+    cpus_per_task: float,
+) -> dict[str, Any] | None:
+    """The ``--ray*`` options as ``features.ray_extract.RayOptions`` fields (None: no cluster)."""
+    if address is None:
+        return None
+    return dict(
+        address=address,
+        actors=actors,
+        cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=gpus_per_actor,
+        cpus_per_task=cpus_per_task,
+    )
 
 
 def _run_extract(

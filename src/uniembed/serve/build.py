@@ -27,16 +27,10 @@ from uniembed.core.integrity import CHECKSUMS_KEY, checksums
 from uniembed.core.runtime import torch_threads
 from uniembed.export.embedder import Embedder, file_fingerprint, load_embedder, resolve_model_path
 from uniembed.serve.adapt_plan import AdaptPlan
+from uniembed.serve.assemble import Assembled, NewRows, assemble
 from uniembed.serve.edit_rows import UPLOADS_DIR
 from uniembed.serve.errors import ImageIndexError
-from uniembed.serve.faiss_index import (
-    INDEX_TYPES,
-    SHARDED_TYPE,
-    apply_search_params,
-    choose_index_type,
-    default_params,
-    make_faiss_index,
-)
+from uniembed.serve.faiss_index import INDEX_TYPES, SHARDED_TYPE
 from uniembed.serve.ingest import embed_records, embed_records_ray, ray_embedding
 from uniembed.serve.items import META_FIELD, ImageRecord, absolute_path, meta_cell, open_sources, write_items
 from uniembed.serve.store import INDEX_FILE, INFO_FILE, ITEMS_FILE, THUMBS_DIR, ImageIndex
@@ -61,37 +55,12 @@ class BuildResult:
 
 
 @dataclass
-class _Embedding:
+class Embedding:
     """How the images get embedded: a fixed model file, or an adapted plan (backbone + projection)."""
 
     plan: AdaptPlan | None
     model_file: Path | None
     fingerprint: str  # of the model file; an adapted build learns its own once the query model is written
-
-
-@dataclass
-class _NewRows:
-    """The rows this build adds and the model that produced them, as index.json records it."""
-
-    items: list[dict[str, str]]
-    vectors: np.ndarray
-    rebuild: np.ndarray | None  # all vectors, when the whole FAISS index must be rewritten
-    model_record: dict[str, Any]
-    fingerprint: str
-    adapt_info: dict[str, Any] | None
-
-
-@dataclass
-class _Assembled:
-    """The FAISS index to write and what index.json says about it."""
-
-    index: Any
-    items: list[dict[str, str]]
-    kind: str
-    params: dict[str, int]
-    dim: int
-    prev_skipped: list[dict[str, str]]
-    recall: dict[str, Any] | None = None  # sharded index: recall@5 against exact search at build time
 
 
 def _link_or_copy_tree(src: Path, dst: Path) -> None:
@@ -104,6 +73,20 @@ def _link_or_copy_tree(src: Path, dst: Path) -> None:
             os.link(p, dst / p.name)
         except OSError:
             shutil.copy2(p, dst / p.name)
+
+
+def _requested_type(
+    index_type: str, params: dict[str, int] | None, shards: int | None
+) -> tuple[str, dict[str, int] | None]:
+    """The index type and parameters asked for; ``--shards N`` means a sharded index filled in N shards."""
+    if shards is not None:
+        index_type = SHARDED_TYPE if index_type == "auto" else index_type
+        if index_type != SHARDED_TYPE:
+            raise ImageIndexError(f"--shards builds a {SHARDED_TYPE} index, not {index_type!r}")
+        params = {**(params or {}), "shards": int(shards)}
+    if index_type not in INDEX_TYPES:
+        raise ImageIndexError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+    return index_type, params
 
 
 def _existing_index(
@@ -134,13 +117,13 @@ def _choose_embedding(
     backbone: Any,
     pooling: str | None,
     refit: bool,
-) -> _Embedding:
+) -> Embedding:
     """Check the model options against each other and the old index before anything is embedded."""
     from uniembed.serve import adapt as ad
 
     try:
         if adapt is not None or (old is not None and old.adapted):
-            return _Embedding(AdaptPlan.make(old, model_path, adapt, backbone, pooling, refit), None, "")
+            return Embedding(AdaptPlan.make(old, model_path, adapt, backbone, pooling, refit), None, "")
         if refit:
             raise ImageIndexError("--refit only applies to an index built with --adapt")
         if backbone is not None:
@@ -156,10 +139,10 @@ def _choose_embedding(
             old.check_model(fingerprint)
     except ad.AdaptError as e:
         raise ImageIndexError(str(e)) from e
-    return _Embedding(None, model_file, fingerprint)
+    return Embedding(None, model_file, fingerprint)
 
 
-def _load_embedder(how: _Embedding, batch_size: int, engine: str, threads: int) -> Embedder:
+def _load_embedder(how: Embedding, batch_size: int, engine: str, threads: int) -> Embedder:
     """The feature model of an adapted build, or the fixed model file."""
     if how.plan is not None:
         from uniembed.serve import adapt as ad
@@ -169,7 +152,7 @@ def _load_embedder(how: _Embedding, batch_size: int, engine: str, threads: int) 
     return load_embedder(how.model_file, batch_size=batch_size, engine=engine, threads=threads)
 
 
-def _embed_new_images(
+def embed_new_images(
     embedder: Embedder,
     records: Iterator[ImageRecord],
     total: int,
@@ -224,20 +207,20 @@ def _embed_new_images(
     return new_items, new, skipped
 
 
-def _finish_rows(
-    how: _Embedding,
+def finish_rows(
+    how: Embedding,
     items: list[dict[str, str]],
     new: np.ndarray,
     tmp: Path,
     out_dir: Path,
     old: ImageIndex | None,
     threads: int,
-) -> _NewRows:
+) -> NewRows:
     """Index vectors for the new rows; an adapted build fits (or keeps) its projection and query model."""
     if how.plan is None:
         assert how.model_file is not None
         record = {"fingerprint": how.fingerprint, "path": str(how.model_file.resolve())}
-        return _NewRows(items, new, None, record, how.fingerprint, None)
+        return NewRows(items, new, None, record, how.fingerprint, None)
     from uniembed.serve import adapt as ad
 
     try:
@@ -245,57 +228,12 @@ def _finish_rows(
     except ad.AdaptError as e:
         raise ImageIndexError(str(e)) from e
     record = {"fingerprint": fingerprint, "path": str((out_dir / ad.QUERY_MODEL).resolve()), "adapted": True}
-    return _NewRows(items, vectors, rebuild, record, fingerprint, adapt_info)
+    return NewRows(items, vectors, rebuild, record, fingerprint, adapt_info)
 
 
-def _assemble(
-    old: ImageIndex | None,
-    rows: _NewRows,
-    index_type: str,
-    params: dict[str, int] | None,
-    tmp: Path,
-    address: str | None = None,
-    bar: bool = True,
-) -> _Assembled:
-    """A fresh FAISS index over the new rows, or the old one extended (rebuilt after a projection refit);
-    a sharded index is written into ``tmp`` as it is built (shards filled on Ray at ``address``)."""
-    new = rows.vectors
-    if (old.info["index"]["type"] if old else index_type) == SHARDED_TYPE:
-        from uniembed.serve.sharded import assemble_sharded
-
-        was = old.info["index"] if old else {}
-        old_ix = old.index if old else None
-        b = assemble_sharded(old_ix, was.get("params"), new, rows.rebuild, params, tmp, address, bar)
-        items = (old.items if old else []) + rows.items
-        prev = list(old.info.get("skipped", [])) if old else []
-        dim = int(new.shape[1]) if old is None else old.dim
-        return _Assembled(b.index, items, SHARDED_TYPE, b.params, dim, prev, b.recall or was.get("recall"))
-    if old is None:
-        kind = choose_index_type(len(new)) if index_type == "auto" else index_type
-        kind_params = default_params(kind, len(new), new.shape[1])
-        kind_params.update(params or {})
-        index = make_faiss_index(new, kind, kind_params)
-        return _Assembled(index, rows.items, kind, kind_params, int(new.shape[1]), [])
-    kind = old.info["index"]["type"]
-    kind_params = dict(old.info["index"].get("params", {}))
-    kind_params.update(params or {})
-    items = old.items + rows.items
-    prev_skipped = list(old.info.get("skipped", []))
-    if rows.rebuild is not None:
-        index = make_faiss_index(rows.rebuild, kind, kind_params)
-        return _Assembled(index, items, kind, kind_params, int(rows.rebuild.shape[1]), prev_skipped)
-    index = old.index
-    if new.shape[0] and new.shape[1] != old.dim:
-        raise ImageIndexError(f"model gives {new.shape[1]}-d vectors, index holds {old.dim}-d")
-    apply_search_params(index, kind, kind_params)
-    if new.shape[0]:
-        index.add(new)
-    return _Assembled(index, items, kind, kind_params, old.dim, prev_skipped)
-
-
-def _index_info(
-    built: _Assembled,
-    rows: _NewRows,
+def index_info(
+    built: Assembled,
+    rows: NewRows,
     skipped: list[dict[str, str]],
     old: ImageIndex | None,
     index_type: str,
@@ -333,7 +271,7 @@ def _index_info(
     return info
 
 
-def _write_index(tmp: Path, built: _Assembled, info: dict[str, Any]) -> None:
+def write_index_folder(tmp: Path, built: Assembled, info: dict[str, Any]) -> None:
     """index.faiss, items.csv, then index.json with the checksums of every file but itself and the thumbs."""
     import faiss
 
@@ -387,15 +325,9 @@ def build_index(
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    if shards is not None:  # --shards N: a sharded index filled in N shards (Ray tasks with --ray)
-        index_type = SHARDED_TYPE if index_type == "auto" else index_type
-        if index_type != SHARDED_TYPE:
-            raise ImageIndexError(f"--shards builds a {SHARDED_TYPE} index, not {index_type!r}")
-        params = {**(params or {}), "shards": int(shards)}
+    index_type, params = _requested_type(index_type, params, shards)
     if isinstance(images, (str, Path)):  # one source given bare
         images = [images]
-    if index_type not in INDEX_TYPES:
-        raise ImageIndexError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     old = _existing_index(out_dir, add, index_type, refit, verify)
     how = _choose_embedding(old, model_path, adapt, backbone, pooling, refit)
     records, total = open_sources(images, domain=domain)
@@ -405,15 +337,15 @@ def build_index(
         embedder = _load_embedder(how, batch_size, engine, n_threads)
         backbone_obj = how.plan.backbone if how.plan else None
         on_ray = ray_embedding(how.model_file, backbone_obj, ray, batch_size, engine)
-        new_items, new, skipped = _embed_new_images(
+        new_items, new, skipped = embed_new_images(
             embedder, records, total, old, tmp, limit, batch_size, thumb_size, workers, progress, on_ray
         )
-        rows = _finish_rows(how, new_items, new, tmp, out_dir, old, n_threads)
+        rows = finish_rows(how, new_items, new, tmp, out_dir, old, n_threads)
         address = ray.get("address") if ray is not None else None
-        built = _assemble(old, rows, index_type, params, tmp, address, progress)
+        built = assemble(old, rows, index_type, params, tmp, address, progress)
         described = {**embedder.describe(), "threads": n_threads}
-        info = _index_info(built, rows, skipped, old, index_type, described, thumb_size, images)
-        _write_index(tmp, built, info)
+        info = index_info(built, rows, skipped, old, index_type, described, thumb_size, images)
+        write_index_folder(tmp, built, info)
     return BuildResult(
         out_dir=out_dir,
         count=len(built.items),

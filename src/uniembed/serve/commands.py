@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from uniembed.features.commands import ray_request
 from uniembed.serve.cli_options import (
     AdaptOption,
     AddOption,
@@ -218,15 +219,8 @@ def index_command(
         return
     if not images:
         raise _fail("give --images SOURCE to index (or --remove ID_OR_PATH to remove items from --out)")
-    overrides = {
-        "nlist": nlist,
-        "nprobe": nprobe,
-        "pq_m": pq_m,
-        "pq_bits": pq_bits,
-        "hnsw_m": hnsw_m,
-        "ef_construction": ef_construction,
-        "ef_search": ef_search,
-    }
+    overrides = dict(nlist=nlist, nprobe=nprobe, pq_m=pq_m, pq_bits=pq_bits, hnsw_m=hnsw_m)
+    overrides.update(ef_construction=ef_construction, ef_search=ef_search)
     res = run_index(
         images,
         out,
@@ -246,15 +240,7 @@ def index_command(
         threads=threads,
         verify=not no_verify,
         shards=shards,
-        ray=None
-        if ray is None
-        else dict(
-            address=ray,
-            actors=ray_actors,
-            cpus_per_actor=ray_cpus_per_actor,
-            gpus_per_actor=ray_gpus_per_actor,
-            cpus_per_task=ray_cpus_per_task,
-        ),
+        ray=ray_request(ray, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, ray_cpus_per_task),
     )
     print_build_summary(res)
 

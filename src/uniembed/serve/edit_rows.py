@@ -119,11 +119,12 @@ def carry_others(old: ImageIndex, tmp: Path, skip: Iterable[str] = ()) -> None:
 
 def write_edited(tmp: Path, index: Any, items: list[dict[str, str]], info: dict[str, Any]) -> None:
     """index.faiss, items.csv, then index.json with checksums, through build.py's writer."""
-    from uniembed.serve.build import _Assembled, _write_index
+    from uniembed.serve.assemble import Assembled
+    from uniembed.serve.build import write_index_folder
 
     kind = info["index"]["type"]
-    built = _Assembled(index, items, kind, info["index"].get("params", {}), int(info["dim"]), [])
-    _write_index(tmp, built, info)
+    built = Assembled(index, items, kind, info["index"].get("params", {}), int(info["dim"]), [])
+    write_index_folder(tmp, built, info)
 
 
 def removed_info(old: ImageIndex, count: int) -> dict[str, Any]:

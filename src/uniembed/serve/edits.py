@@ -243,26 +243,27 @@ class IndexEditor:
             return self._add_locked(images, verify)
 
     def _how(self, old: ImageIndex) -> tuple[Any, Any]:
-        """(build._Embedding, embedder) for images added to ``old``."""
+        """(build.Embedding, embedder) for images added to ``old``."""
         from uniembed.export.embedder import load_embedder
         from uniembed.serve.adapt_plan import AdaptPlan
-        from uniembed.serve.build import _Embedding
+        from uniembed.serve.build import Embedding
 
         if not old.adapted:
             if self.embedder is None:
                 self.embedder = load_embedder(old.query_model_path(), batch_size=8, threads=self.threads)
             old.check_embedder(self.embedder)
-            return _Embedding(None, old.query_model_path(), old.fingerprint), self.embedder
+            return Embedding(None, old.query_model_path(), old.fingerprint), self.embedder
         plan = AdaptPlan.make(old, None, None, self.backbone, None, False)
         self.backbone = plan.backbone
         if self._features is None or self._features.fingerprint != str(plan.backbone.fingerprint()):
             from uniembed.serve import adapt as ad
 
             self._features = ad.feature_embedder(plan.backbone, 8, threads=self.threads)
-        return _Embedding(plan, None, ""), self._features
+        return Embedding(plan, None, ""), self._features
 
     def _add_locked(self, images: Sequence[NewImage], verify: bool) -> EditResult:
         from uniembed.serve import build
+        from uniembed.serve.assemble import assemble
 
         t0 = time.perf_counter()
         restore_interrupted_swap(self.out_dir)
@@ -275,19 +276,19 @@ class IndexEditor:
             carry_others(old, tmp, skip=ADAPT_FILES if old.adapted else ())
             _step()
             thumb = int(old.info.get("thumb_size", 160))
-            new_items, new, skipped = build._embed_new_images(
+            new_items, new, skipped = build.embed_new_images(
                 embedder, iter(r for r, _ in records), len(records), old, tmp, None, 8, thumb, 1, False
             )
             if not new_items:
                 raise _nothing_added(old, skipped)
             _save_uploads(tmp, records, {it["path"] for it in new_items})
-            rows = build._finish_rows(how, new_items, new, tmp, self.out_dir, old, self.threads)
-            built = build._assemble(old, rows, "auto", None, tmp, None, False)
+            rows = build.finish_rows(how, new_items, new, tmp, self.out_dir, old, self.threads)
+            built = assemble(old, rows, "auto", None, tmp, None, False)
             _step()
             described = old.info.get("embedder", {})
-            info = build._index_info(built, rows, skipped, old, "auto", described, thumb, [])
+            info = build.index_info(built, rows, skipped, old, "auto", described, thumb, [])
             info.update(removed_total=int(old.info.get("removed_total", 0)))
-            build._write_index(tmp, built, info)
+            build.write_index_folder(tmp, built, info)
             _step()
         return EditResult(self.out_dir, [], new_items, skipped, len(built.items), int(info["next_id"]),
                           time.perf_counter() - t0)  # fmt: skip

@@ -44,30 +44,34 @@ def print_search_tables(queries: list[Path], all_hits: list[list[Hit]], failed: 
         )
 
 
+SearchIndexOption = Annotated[
+    Path, typer.Option("--index", help="Index directory written by `uniembed index`.")
+]
+TopKOption = Annotated[
+    int, typer.Option("-k", "--top-k", help=f"Number of results per query (1 to {MAX_K}).")
+]
+QueryModelOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="saved_model.pt to embed queries with (default: the model recorded in the index; it must "
+        "have the same fingerprint). An index built with --adapt uses its own query_model.pt.",
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print results as JSON instead of a table.")]
+GridOption = Annotated[
+    Path | None, typer.Option("--grid", help="Also draw each query beside its results into this PNG.")
+]
+
+
 def search_command(
     images: Annotated[list[Path] | None, typer.Argument(help="Query image file(s) (or --id).")] = None,
-    index: Annotated[
-        Path, typer.Option("--index", help="Index directory written by `uniembed index`.")
-    ] = Path("artifacts/index"),
-    k: Annotated[
-        int, typer.Option("-k", "--top-k", help=f"Number of results per query (1 to {MAX_K}).")
-    ] = DEFAULT_K,
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            "--model",
-            "-m",
-            help="saved_model.pt to embed queries with "
-            "(default: the model recorded in the index; it must have the "
-            "same fingerprint). An index built with --adapt uses its own query_model.pt.",
-        ),
-    ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print results as JSON instead of a table.")
-    ] = False,
-    grid: Annotated[
-        Path | None, typer.Option("--grid", help="Also draw each query beside its results into this PNG.")
-    ] = None,
+    index: SearchIndexOption = Path("artifacts/index"),
+    k: TopKOption = DEFAULT_K,
+    model: QueryModelOption = None,
+    as_json: JsonOption = False,
+    grid: GridOption = None,
     max_distance: MaxDistanceOption = None,
     filters: FilterOption = None,
     item_id: ItemIdOption = None,
