@@ -148,13 +148,18 @@ def _make_locked_build_dir(out_dir: Path) -> tuple[Path, int]:
     suffix = f"{os.getpid()}-{secrets.token_hex(4)}"
     new = out_dir.parent / f".{out_dir.name}.new-{suffix}"
     new.mkdir()  # mode 0o777 less the umask, like the final folder
-    fd = os.open(new, os.O_RDONLY)
     try:
-        _try_flock(fd)
+        fd = os.open(new, os.O_RDONLY)
+    except OSError:  # a system that cannot open folders (Windows): no lock, and no sweeping either
+        fd = -1
+    try:
+        if fd >= 0:
+            _try_flock(fd)
         tmp = out_dir.parent / f".{out_dir.name}.tmp-{suffix}"
         os.rename(new, tmp)
     except BaseException:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         shutil.rmtree(new, ignore_errors=True)
         raise
     return tmp, fd
@@ -208,4 +213,5 @@ def building_dir(out_dir: str | Path, check: Callable[[Path], None] | None = Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
