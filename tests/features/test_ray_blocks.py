@@ -168,6 +168,28 @@ def test_bad_ray_options_are_one_line(photos: Path, tmp_path: Path) -> None:
         )
 
 
+def test_an_unreachable_cluster_fails_in_seconds_with_one_line(photos: Path, tmp_path: Path) -> None:
+    """Nothing listens at the address: the CLI says so at once (Ray alone retries for minutes)."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port that was free a moment ago, and nothing listens on it now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "uniembed.cli", "extract", str(photos), "-o", str(tmp_path / "f"), "-q"]
+        + ["--ray", f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0 and time.monotonic() - t0 < 60, r.stdout + r.stderr
+    assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "f").exists() or not any((tmp_path / "f").rglob("features.npy"))
+
+
 def test_index_embedding_on_the_cluster_path_equals_local(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
