@@ -142,8 +142,13 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak resident set so far: VmHWM, which starts afresh at exec. ``ru_maxrss`` (the
+    fallback where /proc is missing; Linux reports KiB) keeps the peak of the process that forked this one,
+    so a fuzz run started from a big pytest process reported pytest's size, not its own."""
+    from uniembed_lab.bench.sysinfo import peak_rss_since_reset_mb
+
+    own = peak_rss_since_reset_mb()
+    return own if own is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def save_failure(target: str, data: bytes, outcome: Outcome, note: dict, out: Path = FAILURES_DIR) -> Path:

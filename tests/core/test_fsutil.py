@@ -15,7 +15,6 @@ from uniembed.core.fsutil import (
     atomic_write_text,
     building_dir,
     drop_dead_builds,
-    make_tmp_dir,
     sha256_file,
 )
 
@@ -107,9 +106,11 @@ def test_build_folders_of_killed_runs_are_removed_live_ones_kept(tmp_path: Path)
     """A build folder nobody holds a flock on was left by a killed run: the next build (or prepare's sweep)
     removes it. One a live build holds is kept, and a live build's own folder is never swept."""
     out = tmp_path / "index"
-    dead = make_tmp_dir(out)  # a .index.tmp-* folder nobody locks: what a SIGKILLed build leaves
+    dead = tmp_path / ".index.tmp-1-dead"  # a build folder nobody locks: what a SIGKILLed build leaves
+    dead.mkdir()
     (dead / "half.faiss").write_bytes(b"x" * 100)
-    live = make_tmp_dir(out)
+    live = tmp_path / ".index.tmp-2-live"
+    live.mkdir()
     fd = os.open(live, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another build, still running

@@ -69,15 +69,6 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> P
     return atomic_write_bytes(path, text.encode(encoding))
 
 
-def make_tmp_dir(out_dir: str | Path) -> Path:
-    """A fresh, uniquely named hidden folder beside ``out_dir`` to build a replacement for it in."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the final folder gets what mkdir would give it
-    return tmp
-
-
 def _umask() -> int:
     """The process umask: from /proc on Linux (reading it with os.umask means setting it, which races with
     other threads creating files), else set-and-restore."""

@@ -125,10 +125,13 @@ def pca_spectrum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     cov = (xc.T @ xc / max(x.shape[0] - 1, 1)).double()
     evals, evecs = torch.linalg.eigh(cov)  # ascending
     order = torch.argsort(evals, descending=True)
-    comps = evecs[:, order].T.contiguous()
+    return mean, _fixed_signs(evecs[:, order].T.contiguous()), evals[order]
+
+
+def _fixed_signs(comps: torch.Tensor) -> torch.Tensor:
+    """Components (rows) with their largest-magnitude entry made positive, so results are deterministic."""
     sign = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
-    comps = comps * torch.where(sign == 0, torch.ones_like(sign), sign)
-    return mean, comps, evals[order]
+    return comps * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
 @torch.no_grad()
@@ -156,9 +159,7 @@ def _pca_top_from_gram(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     evals, u = evals.flip(0)[:k], u.flip(1)[:, :k]
     if evals.min() <= 1e-9 * evals.max().clamp_min(1e-300):
         return None
-    comps = (xc.T @ u / evals.sqrt()).T.contiguous()  # unit rows: the right singular vectors
-    sign = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
-    comps = comps * torch.where(sign == 0, torch.ones_like(sign), sign)
+    comps = _fixed_signs((xc.T @ u / evals.sqrt()).T.contiguous())  # unit rows: right singular vectors
     return mean, comps.float(), (evals / max(x.shape[0] - 1, 1)).float()
 
 

@@ -14,13 +14,14 @@ import numpy as np
 
 from uniembed.serve.errors import ImageIndexError
 from uniembed.serve.items import absolute_path
+from uniembed.serve.sharded_io import IVFDATA_FILE
 from uniembed.serve.store import INDEX_FILE, INFO_FILE, ITEMS_FILE, THUMBS_DIR, ImageIndex
 
 #: Originals of images added through the service (``POST /items``), named by content hash.
 UPLOADS_DIR = "uploads"
 FEATURES_FILE = "features.npy"  # adapt.FEATURES_FILE (not imported: adapt pulls in torch)
 ADAPT_FILES = ("projection.npz", "query_model.pt")  # written by AdaptPlan.finish on an add
-_REWRITTEN = {INDEX_FILE, ITEMS_FILE, INFO_FILE, FEATURES_FILE, THUMBS_DIR, UPLOADS_DIR, "index.ivfdata"}
+_REWRITTEN = {INDEX_FILE, ITEMS_FILE, INFO_FILE, FEATURES_FILE, THUMBS_DIR, UPLOADS_DIR, IVFDATA_FILE}
 
 
 def _link(src: Path, dst: Path) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from uniembed.serve.faiss_index import SHARDED_TYPE
+
 
 @dataclass(frozen=True)
 class ExpansionSettings:
@@ -78,7 +80,7 @@ def settings_for_index(info: dict[str, Any]) -> ExpansionSettings:
     if isinstance(recorded, dict):
         return ExpansionSettings.from_dict(recorded)
     index = info.get("index") if isinstance(info.get("index"), dict) else {}
-    if index.get("type") == "ivfpq_sharded":
+    if index.get("type") == SHARDED_TYPE:
         # Reading neighbours back needs an id map over every vector (8 bytes each: 8 GB at 1B) and gives
         # only PQ approximations; the gain was measured on exact vectors. Opt in with an expansion block.
         return ExpansionSettings()
